@@ -1,0 +1,76 @@
+"""`ssd eval`: COCO metrics and a report, for a checkpoint on a dataset or for an existing results file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="COCO evaluation report (metrics.json, report.md, PR curves, sample pictures)",
+        description="Either run a checkpoint over a COCO-format dataset (--weights --data) or score an "
+        "existing COCO results file (--annotations --results). Writes REPORT_DIR/metrics.json, "
+        "results.json, report.md, pr_curves.png and samples.png.",
+    )
+    model_group = parser.add_argument_group("evaluate a checkpoint")
+    model_group.add_argument("--weights", help="our checkpoint (local path or s3://)")
+    model_group.add_argument("--data", help="dataset root: DIR/annotations/instances_{split}.json, DIR/{split}/")
+    model_group.add_argument("--split", default="val", help="dataset split (default: val)")
+    model_group.add_argument("--batch-size", type=int, default=8)
+    model_group.add_argument("--workers", type=int, default=2, help="data loader processes")
+    model_group.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"])
+    model_group.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
+    files_group = parser.add_argument_group("score a results file")
+    files_group.add_argument("--annotations", help="ground-truth COCO annotation JSON")
+    files_group.add_argument("--results", help="COCO detection results JSON")
+    files_group.add_argument("--images", help="image folder for samples.png (default: guessed from the "
+                             "annotations path DIR/annotations/instances_SPLIT.json -> DIR/SPLIT)")
+    parser.add_argument("--output", required=True, help="report directory")
+    parser.add_argument("--samples", type=int, default=8, help="images in samples.png (0: none)")
+    parser.add_argument("--show-gt", action="store_true", help="draw ground truth beside the predictions")
+    parser.set_defaults(func=run)
+
+
+def _guess_images_dir(annotations: str) -> str | None:
+    """DIR/annotations/instances_val.json -> DIR/val if that folder exists (the project's layout)."""
+    path = Path(annotations)
+    split = path.stem.removeprefix("instances_")
+    candidate = path.parent.parent / split
+    return str(candidate) if path.parent.name == "annotations" and candidate.is_dir() else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from ssd_core import evaluation
+
+    by_model = args.weights or args.data
+    by_files = args.annotations or args.results
+    if by_model and by_files:
+        raise ValueError("give either --weights/--data or --annotations/--results, not both")
+    if by_files:
+        if not (args.annotations and args.results):
+            raise ValueError("--annotations and --results go together")
+        metrics = evaluation.coco_metrics(args.annotations, args.results)
+        images_dir = args.images or _guess_images_dir(args.annotations)
+        report = evaluation.write_report(
+            metrics, args.output, results=evaluation.load_results(args.results), gt=args.annotations,
+            images_dir=images_dir, sample_images=args.samples if images_dir else 0, show_gt=args.show_gt,
+        )
+    elif args.weights and args.data:
+        from ssd_core import load_model
+        from ssd_core.data import CocoDataset
+
+        model = load_model(args.weights, precision=args.precision)
+        dataset = CocoDataset(args.data, split=args.split)
+        metrics = evaluation.evaluate_model(model, dataset, batch_size=args.batch_size, workers=args.workers,
+                                            max_images=args.max_images)
+        report = evaluation.write_report(metrics, args.output, dataset=dataset, sample_images=args.samples,
+                                         show_gt=args.show_gt)
+    else:
+        raise ValueError("give --weights W --data DIR, or --annotations GT.json --results DT.json")
+
+    print(f"{metrics['num_images']} images, {metrics['num_detections']} detections")
+    print(evaluation.format_summary(metrics))
+    print(f"report: {report}")
+    return 0

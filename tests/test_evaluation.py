@@ -1,0 +1,271 @@
+"""ssd_core.evaluation against pycocotools run directly on the same files, and end to end through a model."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from ssd_core import evaluation
+from ssd_core.cli import main as ssd_main
+
+# Non-contiguous ids; "unused" has no ground truth (its AP must be null, not 0 or -1).
+CATEGORIES = [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 12, "name": "bird"},
+              {"id": 20, "name": "unused"}]
+IMAGE_W, IMAGE_H = 320, 240
+
+
+def _gt_document(rng: np.random.Generator) -> dict:
+    """Six images with small (<32^2), medium and large boxes of three classes, and one crowd region."""
+    images, annotations = [], []
+    sizes = [(10, 14), (20, 25), (40, 50), (60, 70), (110, 120), (150, 180)]  # small, medium, large pairs
+    for image_id in range(1, 7):
+        images.append({"id": image_id * 10, "file_name": f"{image_id:03d}.png", "width": IMAGE_W, "height": IMAGE_H})
+        for k in range(4):
+            w, h = sizes[(image_id + k) % len(sizes)]
+            x, y = rng.uniform(0, IMAGE_W - w), rng.uniform(0, IMAGE_H - h)
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id * 10,
+                                "category_id": [3, 7, 12][(image_id * 3 + k) % 3],
+                                "bbox": [x, y, float(w), float(h)], "area": float(w * h), "iscrowd": 0})
+    annotations.append({"id": len(annotations) + 1, "image_id": 10, "category_id": 3, "iscrowd": 1,
+                        "bbox": [200.0, 150.0, 100.0, 80.0], "area": 8000.0, "segmentation": []})
+    return {"images": images, "annotations": annotations, "categories": CATEGORIES}
+
+
+def _results(gt: dict, rng: np.random.Generator) -> list[dict]:
+    """Perturbed ground truth (some missed), false positives, and a hit on the crowd region."""
+    results = []
+    for ann in gt["annotations"]:
+        if ann["iscrowd"] or rng.random() < 0.2:
+            continue  # crowd regions are never predicted directly; 20% of objects missed
+        x, y, w, h = ann["bbox"]
+        jitter = rng.normal(0, 0.08, size=4) * [w, h, w, h]
+        results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
+                        "bbox": [x + jitter[0], y + jitter[1], max(1.0, w + jitter[2]), max(1.0, h + jitter[3])],
+                        "score": float(rng.uniform(0.3, 1.0))})
+    for image in gt["images"]:
+        for _ in range(3):  # false positives, some with wrong classes
+            results.append({"image_id": image["id"], "category_id": int(rng.choice([3, 7, 12])),
+                            "bbox": [float(rng.uniform(0, 250)), float(rng.uniform(0, 180)), 30.0, 25.0],
+                            "score": float(rng.uniform(0.0, 0.8))})
+    results.append({"image_id": 10, "category_id": 3, "bbox": [210.0, 160.0, 40.0, 30.0], "score": 0.9})
+    return results
+
+
+@pytest.fixture(scope="module")
+def coco_files(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(dataset root, GT json in the project's layout, results json); the images are plain PNGs."""
+    root = tmp_path_factory.mktemp("cocoeval")
+    rng = np.random.default_rng(7)
+    gt = _gt_document(rng)
+    (root / "annotations").mkdir()
+    gt_path = root / "annotations" / "instances_val.json"
+    gt_path.write_text(json.dumps(gt))
+    (root / "val").mkdir()
+    for i, image in enumerate(gt["images"]):
+        shade = (30 + 40 * i) % 256
+        Image.new("RGB", (IMAGE_W, IMAGE_H), (shade, 255 - shade, 128)).save(root / "val" / image["file_name"])
+    dt_path = root / "results.json"
+    dt_path.write_text(json.dumps(_results(gt, rng)))
+    return root, gt_path, dt_path
+
+
+def _pycocotools(gt_path: Path, dt_path: Path, cat_ids: list[int] | None = None) -> np.ndarray:
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(gt_path))
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(str(dt_path)), iouType="bbox")
+        if cat_ids is not None:
+            evaluator.params.catIds = cat_ids
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return evaluator.stats
+
+
+def test_metrics_equal_pycocotools(coco_files):
+    _, gt_path, dt_path = coco_files
+    ours = evaluation.coco_metrics(str(gt_path), str(dt_path))
+    reference = _pycocotools(gt_path, dt_path)
+    assert all(s >= 0 for s in reference), "fixture should exercise every area range"
+    assert 0.2 < reference[0] < 0.9, "fixture should be neither trivial nor hopeless"
+    assert [ours[name] for name in evaluation.METRIC_NAMES] == [float(s) for s in reference]
+
+    for category in CATEGORIES:
+        expected = _pycocotools(gt_path, dt_path, cat_ids=[category["id"]])[0]
+        assert ours["per_class_AP"][category["name"]] == (None if expected == -1 else float(expected))
+    assert ours["per_class_AP"]["unused"] is None
+    assert ours["num_images"] == 6
+
+
+def test_in_memory_inputs_match_files_and_are_not_mutated(coco_files):
+    _, gt_path, dt_path = coco_files
+    results = json.loads(dt_path.read_text())
+    snapshot = json.dumps(results)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(gt_path))
+    from_memory = evaluation.coco_metrics(coco_gt, results)
+    assert json.dumps(results) == snapshot  # pycocotools' loadRes adds keys; we must pass it copies
+    from_files = evaluation.coco_metrics(gt_path, dt_path)
+    assert evaluation.scalar_metrics(from_memory) == evaluation.scalar_metrics(from_files)
+
+
+def test_pr_curves_agree_with_ap50(coco_files):
+    _, gt_path, dt_path = coco_files
+    metrics = evaluation.coco_metrics(gt_path, dt_path)
+    curves = metrics["pr_curves"]
+    assert len(curves["recall"]) == 101
+    overall_50 = curves["precision"]["0.50"]["all"]
+    # AP50 is the mean interpolated precision over the 101 recall points.
+    assert np.mean(overall_50) == pytest.approx(metrics["AP50"], abs=1e-12)
+    assert np.mean(curves["precision"]["0.50"]["dog"]) == pytest.approx(metrics["per_class_AP50"]["dog"])
+    assert curves["precision"]["0.75"]["unused"] is None
+
+
+def test_empty_results_score_zero(coco_files, tmp_path):
+    _, gt_path, _ = coco_files
+    empty_file = tmp_path / "empty.json"
+    empty_file.write_text("[]")
+    for results in ([], empty_file):
+        metrics = evaluation.coco_metrics(gt_path, results)
+        assert [metrics[name] for name in evaluation.METRIC_NAMES] == [0.0] * 12
+        assert metrics["per_class_AP"] == {"cat": 0.0, "dog": 0.0, "bird": 0.0, "unused": None}
+        assert metrics["num_detections"] == 0
+
+
+def test_unknown_image_or_category_is_a_clear_error(coco_files):
+    _, gt_path, _ = coco_files
+    detection = {"image_id": 10, "category_id": 3, "bbox": [1.0, 1.0, 5.0, 5.0], "score": 0.5}
+    with pytest.raises(ValueError, match=r"image_id not in the ground truth: \[999\]"):
+        evaluation.coco_metrics(gt_path, [detection, {**detection, "image_id": 999}])
+    with pytest.raises(ValueError, match=r"category_id not in the ground truth: \[4\]"):
+        evaluation.coco_metrics(gt_path, [{**detection, "category_id": 4}])
+    with pytest.raises(ValueError, match="missing"):
+        evaluation.coco_metrics(gt_path, [{"image_id": 10, "bbox": [1, 1, 2, 2]}])
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        evaluation.coco_metrics(gt_path, "nope.json")
+
+
+def test_cli_scores_a_results_file(coco_files, tmp_path, capsys):
+    _, gt_path, dt_path = coco_files
+    out = tmp_path / "report"
+    assert ssd_main(["eval", "--annotations", str(gt_path), "--results", str(dt_path), "--output", str(out),
+                     "--show-gt"]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(evaluation.METRIC_NAMES) <= set(saved)
+    assert saved["AP"] == pytest.approx(float(_pycocotools(gt_path, dt_path)[0]))
+    assert set(saved["per_class_AP"]) == {"cat", "dog", "bird", "unused"}
+    assert f"{saved['AP']:6.3f}" in printed and str(out / "report.md") in printed
+    assert json.loads((out / "results.json").read_text()) == json.loads(dt_path.read_text())
+    report = (out / "report.md").read_text()
+    assert "| AP50 |" in report and "| bird |" in report
+    assert "(pr_curves.png)" in report and "(samples.png)" in report
+    for picture in ("pr_curves.png", "samples.png"):
+        with Image.open(out / picture) as image:
+            assert image.width > 300 and image.height > 200
+
+
+def test_cli_argument_errors_are_one_line(coco_files, tmp_path, capsys):
+    _, gt_path, _ = coco_files
+    assert ssd_main(["eval", "--annotations", str(gt_path), "--output", str(tmp_path)]) == 1
+    assert "--results" in capsys.readouterr().err
+
+
+def test_label_mapping_by_name_for_foreign_models():
+    class Dataset:
+        class_names = ["__background__", "cat", "dog"]
+        label_to_category_id = [0, 17, 18]
+
+    coco_style = ["__background__", "person", "N/A", "dog", "cat"]
+    assert evaluation.model_label_to_category_id(coco_style, Dataset) == [-1, -1, -1, 18, 17]
+    assert evaluation.model_label_to_category_id(Dataset.class_names, Dataset) == [-1, 17, 18]
+    assert evaluation.model_label_to_category_id(["__background__", "a", "b"], Dataset) == [-1, 17, 18]
+    with pytest.raises(ValueError, match="share no names"):
+        evaluation.model_label_to_category_id(["__background__", "a"], Dataset)
+
+
+# --------------------------------------------------------------------------- through a model
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> Path:
+    from ssd_core.data import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synth"), num_train=0, num_val=8, seed=3, progress=False)
+
+
+class OracleModel(torch.nn.Module):
+    """Answers with the ground truth of whichever dataset image it is shown (looked up by pixels)."""
+
+    def __init__(self, dataset, class_names):
+        super().__init__()
+        self.class_names = class_names
+        self.answers = {self._key(image): target for image, target in (dataset[i] for i in range(len(dataset)))}
+
+    @staticmethod
+    def _key(image: torch.Tensor) -> str:
+        return hashlib.sha1(image.contiguous().numpy().tobytes()).hexdigest()
+
+    def forward(self, images):
+        answers = [self.answers[self._key(image)] for image in images]
+        return [{"boxes": a["boxes"], "labels": a["labels"], "scores": torch.ones(len(a["labels"]))}
+                for a in answers]
+
+
+@pytest.mark.parametrize("resize", [None, (160, 200)], ids=["file-size", "resized-by-transforms"])
+def test_ground_truth_as_detections_scores_perfectly(synthetic_root, resize):
+    """Contiguous labels -> category ids and (resized) boxes -> file pixels, end to end."""
+    from ssd_core.data import CocoDataset, build_preset
+
+    dataset = CocoDataset(synthetic_root, split="val",
+                          transforms=build_preset("none", size=resize) if resize else None)
+    assert len(dataset.coco.getAnnIds()) > 8
+    metrics = evaluation.evaluate_model(OracleModel(dataset, dataset.class_names), dataset, batch_size=3,
+                                        workers=0, progress=False)
+    assert metrics["AP"] == 1.0 and metrics["AR100"] == 1.0
+    categories_in_results = {det["category_id"] for det in metrics["results"]}
+    assert categories_in_results == {ann["category_id"] for ann in dataset.coco.dataset["annotations"]}
+
+
+def test_max_images_scores_only_those_images(synthetic_root):
+    from ssd_core.data import CocoDataset
+
+    dataset = CocoDataset(synthetic_root, split="val")
+    metrics = evaluation.evaluate_model(OracleModel(dataset, dataset.class_names), dataset, batch_size=4,
+                                        workers=0, progress=False, max_images=3)
+    assert metrics["num_images"] == 3 and metrics["AP"] == 1.0  # the 5 unseen images are not misses
+    assert {det["image_id"] for det in metrics["results"]} <= set(dataset.image_ids[:3])
+
+
+def test_random_weight_model_end_to_end(synthetic_root, tmp_path):
+    from ssd_core import build_model
+    from ssd_core.data import CocoDataset
+
+    torch.manual_seed(0)
+    dataset = CocoDataset(synthetic_root, split="val")
+    model = build_model("ssdlite320_mobilenet_v3_large", num_classes=dataset.num_classes,
+                        class_names=dataset.class_names)
+    model.train()
+    metrics = evaluation.evaluate_model(model, dataset, batch_size=4, workers=0, progress=False)
+    assert model.training, "evaluate_model must restore the training mode"
+    for name in evaluation.METRIC_NAMES:
+        value = metrics[name]
+        assert value is None or (0.0 <= value <= 1.0 and not math.isnan(value)), (name, value)
+    assert metrics["AP"] is not None and metrics["AR100"] is not None
+    assert metrics["num_images"] == 8 and metrics["results"]
+    assert {det["image_id"] for det in metrics["results"]} <= set(dataset.image_ids)
+
+    report = evaluation.write_report(metrics, tmp_path, dataset=dataset, sample_images=4, show_gt=True)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["AP"] == metrics["AP"] and "results" not in saved
+    assert (tmp_path / "samples.png").stat().st_size > 0 and "samples.png" in report.read_text()
