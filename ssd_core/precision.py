@@ -1,0 +1,59 @@
+"""Which numeric precision a model runs in, and the autocast context for it."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with AMX or AVX512-BF16, where bf16 convolutions beat fp32 several times."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        flags = ""
+    if " amx_bf16" in flags or " avx512_bf16" in flags:
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and "amx" in flags
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """Concrete precision ("fp32", "bf16" or "fp16") for `precision` on `device`.
+
+    auto: bf16 on CPUs with AMX/AVX512-BF16; bf16 on CUDA GPUs that support it, else fp16; else fp32.
+    fp16 is a CUDA precision: on CPU it is refused rather than silently slow.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    kind = torch.device(device).type
+    if precision == "auto":
+        if kind == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if kind == "cpu" and cpu_has_fast_bf16():
+            return "bf16"
+        return "fp32"
+    if precision == "fp16" and kind == "cpu":
+        raise ValueError("precision 'fp16' needs a CUDA device; use 'bf16' or 'auto' on CPU")
+    return precision
+
+
+@contextlib.contextmanager
+def autocast(precision: str, device: torch.device | str) -> Iterator[None]:
+    """Autocast for a concrete precision; fp32 runs without it."""
+    kind = torch.device(device).type
+    if precision == "fp32":
+        yield
+        return
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    with torch.autocast(device_type=kind, dtype=dtype):
+        yield

@@ -1,0 +1,427 @@
+"""The SSD family: one builder per variant (the numbers live here), `build_model`, `load_model`,
+and import of the weights users already have (ours, torchvision's, NVIDIA's)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision import models as tv_models
+from torchvision.models._meta import _COCO_CATEGORIES
+from torchvision.models.vgg import cfgs as vgg_cfgs
+from torchvision.models.vgg import make_layers as make_vgg_layers
+
+from ssd_core.anchors import DefaultBoxes
+from ssd_core.backbones.mobilenet import MobileNetExtractor, freeze_mobilenet, stage_starts
+from ssd_core.backbones.resnet import ResNetExtractor, freeze_resnet
+from ssd_core.backbones.vgg import VGGExtractor, freeze_vgg
+from ssd_core.heads import SSDHead, normal_init
+from ssd_core.model import SSD
+from ssd_core.postprocess import PostProcessConfig
+
+log = logging.getLogger(__name__)
+
+COCO_91_NAMES: list[str] = list(_COCO_CATEGORIES)  # torchvision's label space: COCO ids, "N/A" gaps
+COCO_81_NAMES: list[str] = ["__background__"] + [n for n in _COCO_CATEGORIES[1:] if n != "N/A"]  # NVIDIA's
+
+
+@dataclass(frozen=True)
+class SSDConfig:
+    """Everything that defines a variant. Builders fill it in; `build_model(**overrides)` edits it."""
+
+    arch: str
+    size: tuple[int, int]
+    backbone: str
+    aspect_ratios: tuple[tuple[int, ...], ...]
+    scales: tuple[float, ...] | None = None
+    min_ratio: float = 0.15
+    max_ratio: float = 0.9
+    steps: tuple[int, ...] | None = None
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    head: str = "plain"
+    extra_spec: tuple[tuple[int, ...], ...] = ()
+    score_thresh: float = 0.01
+    nms_thresh: float = 0.45
+    detections_per_img: int = 200
+    topk_candidates: int = 400
+    iou_threshold: float = 0.5
+    neg_to_pos_ratio: float = 3.0
+    max_trainable_layers: int = 5
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+# -- the variants ---------------------------------------------------------------------------------
+
+SSD300_VGG16 = SSDConfig(
+    arch="ssd300_vgg16",
+    size=(300, 300),
+    backbone="vgg16",
+    aspect_ratios=((2,), (2, 3), (2, 3), (2, 3), (2,), (2,)),
+    scales=(0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05),
+    steps=(8, 16, 32, 64, 100, 300),
+    # The Caffe VGG weights expect 0..255 pixels minus the mean: undo ToTensor's scaling.
+    image_mean=(0.48235, 0.45882, 0.40784),
+    image_std=(1.0 / 255.0, 1.0 / 255.0, 1.0 / 255.0),
+    extra_spec=((256, 512, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 3, 1, 0), (128, 256, 3, 1, 0)),
+)
+
+# The official SSD512 COCO tiling: maps 64..1, min sizes 20.48..460.8 px, 24,564 default boxes.
+SSD512_VGG16 = replace(
+    SSD300_VGG16,
+    arch="ssd512_vgg16",
+    size=(512, 512),
+    aspect_ratios=((2,), (2, 3), (2, 3), (2, 3), (2, 3), (2,), (2,)),
+    scales=(0.04, 0.1, 0.26, 0.42, 0.58, 0.74, 0.9, 1.06),
+    steps=(8, 16, 32, 64, 128, 256, 512),
+    extra_spec=(
+        (256, 512, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 4, 1, 1),
+    ),
+)
+
+# NVIDIA DeepLearningExamples SSD300 v1.1: scales 21..315 px, ImageNet normalisation.
+SSD300_RESNET50 = SSDConfig(
+    arch="ssd300_resnet50",
+    size=(300, 300),
+    backbone="resnet50",
+    aspect_ratios=((2,), (2, 3), (2, 3), (2, 3), (2,), (2,)),
+    scales=(21 / 300, 45 / 300, 99 / 300, 153 / 300, 207 / 300, 261 / 300, 315 / 300),
+    steps=(8, 16, 32, 64, 100, 300),
+    extra_spec=((256, 512, 2, 1), (256, 512, 2, 1), (128, 256, 2, 1), (128, 256, 1, 0), (128, 256, 1, 0)),
+)
+
+# torchvision's SSDlite320 on MobileNetV3-Large.
+SSDLITE320_MOBILENET_V3_LARGE = SSDConfig(
+    arch="ssdlite320_mobilenet_v3_large",
+    size=(320, 320),
+    backbone="mobilenet_v3_large",
+    aspect_ratios=((2, 3),) * 6,
+    min_ratio=0.2,
+    max_ratio=0.95,
+    image_mean=(0.5, 0.5, 0.5),
+    image_std=(0.5, 0.5, 0.5),
+    head="separable",
+    score_thresh=0.001,
+    nms_thresh=0.55,
+    detections_per_img=300,
+    topk_candidates=300,
+    max_trainable_layers=6,
+)
+
+# SSDLite on MobileNetV2 (MobileNetV2 paper; the small seed project's tiling at 300 px).
+SSDLITE300_MOBILENET_V2 = replace(
+    SSDLITE320_MOBILENET_V3_LARGE,
+    arch="ssdlite300_mobilenet_v2",
+    size=(300, 300),
+    backbone="mobilenet_v2",
+    scales=(60 / 300, 105 / 300, 150 / 300, 195 / 300, 240 / 300, 285 / 300, 330 / 300),
+    steps=(16, 32, 64, 100, 150, 300),
+    max_trainable_layers=6,
+)
+
+CONFIGS: dict[str, SSDConfig] = {
+    c.arch: c
+    for c in (SSD300_VGG16, SSD512_VGG16, SSD300_RESNET50, SSDLITE320_MOBILENET_V3_LARGE, SSDLITE300_MOBILENET_V2)
+}
+
+
+def list_models() -> list[str]:
+    return list(CONFIGS)
+
+
+# -- assembly -------------------------------------------------------------------------------------
+
+
+def _load_state_file(path: str) -> Any:
+    """torch.load(weights_only=True) of a local path or any fsspec URI (s3://...)."""
+    if "://" in str(path):
+        import fsspec
+
+        with fsspec.open(str(path), "rb") as f:
+            buffer = io.BytesIO(f.read())
+        return torch.load(buffer, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"weights file not found: {path}") from None
+
+
+class _VGGFeatures(nn.Module):
+    """torchvision's VGG without its classifier; keys match `vgg16().features`."""
+
+    def __init__(self, features: nn.Sequential) -> None:
+        super().__init__()
+        self.features = features
+
+
+def _make_backbone(config: SSDConfig, weights_backbone: str | None, trainable_layers: int) -> nn.Module:
+    classifier_state = _load_state_file(weights_backbone) if weights_backbone else None
+
+    def with_weights(model: nn.Module) -> nn.Module:
+        if classifier_state is not None:
+            missing, unexpected = model.load_state_dict(classifier_state, strict=False)
+            missing = [k for k in missing if not k.startswith(("classifier", "fc."))]
+            if missing:
+                raise ValueError(f"backbone weights {weights_backbone} lack keys: {', '.join(missing[:10])}")
+        return model
+
+    if config.backbone == "vgg16":
+        # Only VGG's convolutional part: its 120M-parameter classifier would be thrown away.
+        vgg = with_weights(_VGGFeatures(make_vgg_layers(vgg_cfgs["D"], batch_norm=False)))
+        freeze_vgg(vgg.features, trainable_layers)
+        return VGGExtractor(vgg.features, config.extra_spec)
+    if config.backbone == "resnet50":
+        resnet = with_weights(tv_models.resnet50())
+        extractor = ResNetExtractor(resnet, config.extra_spec)
+        freeze_resnet(extractor.features, trainable_layers)
+        return extractor
+    norm_layer = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
+    if config.backbone == "mobilenet_v3_large":
+        # Without pretrained weights use the reduced tail (MobileNetV3 paper, table 6), as torchvision does.
+        net = tv_models.mobilenet_v3_large(norm_layer=norm_layer, reduced_tail=weights_backbone is None)
+    elif config.backbone == "mobilenet_v2":
+        net = tv_models.mobilenet_v2(norm_layer=norm_layer)
+    else:
+        raise ValueError(f"unknown backbone {config.backbone!r}")
+    net = with_weights(net)
+    if weights_backbone is None:
+        normal_init(net)
+    features = net.features
+    freeze_mobilenet(features, trainable_layers)
+    return MobileNetExtractor(features, stage_starts(features)[-2], norm_layer)
+
+
+def assemble(
+    config: SSDConfig,
+    num_classes: int,
+    *,
+    weights_backbone: str | None = None,
+    trainable_backbone_layers: int | None = None,
+    class_names: list[str] | None = None,
+    precision: str = "fp32",
+) -> SSD:
+    """Build an untrained SSD from a config."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
+    if trainable_backbone_layers is None:
+        # A randomly initialised backbone must train entirely; a pretrained one keeps its first stages.
+        trainable_backbone_layers = config.max_trainable_layers if weights_backbone is None else (
+            4 if config.backbone in ("vgg16", "resnet50") else config.max_trainable_layers
+        )
+    backbone = _make_backbone(config, weights_backbone, trainable_backbone_layers)
+    boxes = DefaultBoxes(
+        config.aspect_ratios, scales=config.scales, min_ratio=config.min_ratio, max_ratio=config.max_ratio,
+        steps=config.steps,
+    )
+    head_norm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
+    head = SSDHead(
+        backbone.out_channels, boxes.num_anchors_per_location(), num_classes, kind=config.head, norm_layer=head_norm
+    )
+    if class_names is None:
+        class_names = {91: COCO_91_NAMES, 81: COCO_81_NAMES}.get(num_classes)
+    return SSD(
+        backbone, boxes, head,
+        size=config.size, num_classes=num_classes, image_mean=config.image_mean, image_std=config.image_std,
+        iou_threshold=config.iou_threshold, neg_to_pos_ratio=config.neg_to_pos_ratio,
+        postprocess_config=PostProcessConfig(
+            score_thresh=config.score_thresh, nms_thresh=config.nms_thresh,
+            detections_per_img=config.detections_per_img, topk_candidates=config.topk_candidates,
+        ),
+        precision=precision, arch=config.arch, class_names=class_names,
+    )
+
+
+def resolve_config(arch: str, overrides: dict[str, Any]) -> SSDConfig:
+    if arch not in CONFIGS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(CONFIGS)}")
+    config = CONFIGS[arch]
+    unknown = set(overrides) - set(SSDConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown model options for {arch}: {', '.join(sorted(unknown))}")
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    return replace(config, **overrides)
+
+
+# -- weights users already have -------------------------------------------------------------------
+
+
+def _strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def detect_weights_format(payload: Any) -> str:
+    """"ssd_core" (our checkpoint), "nvidia" (DeepLearningExamples SSD300) or "torchvision" (state_dict)."""
+    if isinstance(payload, dict) and "arch" in payload and "model" in payload:
+        return "ssd_core"
+    state = payload.get("model", payload) if isinstance(payload, dict) else None
+    if isinstance(state, dict) and state:
+        keys = list(_strip_prefix(state, "module.").keys())
+        if any(k.startswith(("feature_extractor.feature_extractor.", "additional_blocks.")) for k in keys):
+            return "nvidia"
+        if any(k.startswith("backbone.") for k in keys) and any(k.startswith("head.") for k in keys):
+            return "torchvision"
+    raise ValueError(
+        "unrecognised weights: expected an ssd_core checkpoint, a torchvision SSD state_dict or an NVIDIA SSD300 checkpoint"
+    )
+
+
+def nvidia_to_ssd_core(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Map an NVIDIA SSD300 state_dict onto ssd300_resnet50's keys, keeping each weight's meaning.
+
+    NVIDIA's heads order output channels as k*boxes + a (value k of box a); ours as a*K + k.
+    """
+    state = _strip_prefix(state, "module.")
+    num_boxes = (4, 6, 6, 6, 4, 4)
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("feature_extractor.feature_extractor."):
+            out["backbone.features." + key[len("feature_extractor.feature_extractor."):]] = value
+        elif key.startswith("additional_blocks."):
+            out["backbone.extra." + key[len("additional_blocks."):]] = value
+        elif match := re.fullmatch(r"(loc|conf)\.(\d)\.(weight|bias)", key):
+            kind, level, param = match.group(1), int(match.group(2)), match.group(3)
+            boxes = num_boxes[level]
+            values_per_box = value.shape[0] // boxes
+            # NVIDIA channel k*boxes + a  ->  ours a*K + k
+            perm = torch.arange(value.shape[0]).view(values_per_box, boxes).t().reshape(-1)
+            head = "regression_head" if kind == "loc" else "classification_head"
+            out[f"head.{head}.module_list.{level}.{param}"] = value[perm]
+        else:
+            out[key] = value  # reported as unexpected by the strict load
+    return out
+
+
+def _load_strict(model: SSD, state: dict[str, Tensor], source: str) -> None:
+    result = model.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing keys: {', '.join(result.missing_keys[:20])}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected keys: {', '.join(result.unexpected_keys[:20])}")
+    if problems:
+        raise ValueError(f"weights {source} do not fit {model.arch}: " + "; ".join(problems))
+
+
+def _num_classes_in(state: dict[str, Tensor], config: SSDConfig) -> int:
+    key = "head.classification_head.module_list.0.weight"
+    if key not in state:
+        key = "head.classification_head.module_list.0.1.weight"  # separable predictor
+    anchors0 = 2 + 2 * len(config.aspect_ratios[0])
+    return int(state[key].shape[0]) // anchors0
+
+
+def build_model(
+    arch: str,
+    *,
+    num_classes: int | None = 91,
+    weights: str | None = None,
+    weights_backbone: str | None = None,
+    precision: str = "fp32",
+    trainable_backbone_layers: int | None = None,
+    class_names: list[str] | None = None,
+    **overrides: Any,
+) -> SSD:
+    """Build `arch` (see `list_models()`), optionally loading `weights` (a local path or s3:// URI to
+    an ssd_core checkpoint, a torchvision SSD state_dict of the same architecture, or an NVIDIA SSD300
+    checkpoint; the format is detected). Weights fix num_classes; passing a different one is an error.
+    `overrides` edit the variant's SSDConfig (e.g. score_thresh=0.05, size=(256, 256))."""
+    if weights is None:
+        config = resolve_config(arch, overrides)
+        return assemble(
+            config, num_classes or 91, weights_backbone=weights_backbone,
+            trainable_backbone_layers=trainable_backbone_layers, class_names=class_names, precision=precision,
+        )
+    payload = _load_state_file(weights)
+    kind = detect_weights_format(payload)
+    if kind == "ssd_core":
+        if payload["arch"] != arch:
+            raise ValueError(f"checkpoint {weights} is a {payload['arch']} model, not {arch}")
+        return model_from_checkpoint(payload, precision=precision, source=str(weights), num_classes=num_classes,
+                                     trainable_backbone_layers=trainable_backbone_layers)
+    if kind == "nvidia":
+        if arch != "ssd300_resnet50":
+            raise ValueError(f"{weights} is an NVIDIA SSD300-ResNet50 checkpoint; use arch ssd300_resnet50, not {arch}")
+        state = nvidia_to_ssd_core(payload.get("model", payload))
+    else:
+        state = _strip_prefix(payload, "module.")
+    config = resolve_config(arch, overrides)
+    found = _num_classes_in(state, config)
+    if num_classes not in (None, 91, found):
+        raise ValueError(f"weights {weights} have {found} classes, but num_classes={num_classes} was asked for")
+    model = assemble(
+        config, found, trainable_backbone_layers=trainable_backbone_layers, class_names=class_names,
+        precision="fp32",
+    )
+    _load_strict(model, state, str(weights))
+    return model.set_precision(precision)
+
+
+# -- our checkpoints ------------------------------------------------------------------------------
+
+
+def checkpoint_payload(model: SSD, config_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint needs to rebuild `model` alone (the engine adds optimizer state etc.)."""
+    return {
+        "arch": model.arch,
+        "num_classes": model.num_classes,
+        "class_names": list(model.class_names),
+        "model_config": dict(config_overrides or {}),
+        "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+    }
+
+
+def model_from_checkpoint(
+    payload: dict[str, Any], *, precision: str = "fp32", source: str = "checkpoint",
+    num_classes: int | None = None, trainable_backbone_layers: int | None = None,
+) -> SSD:
+    if num_classes not in (None, 91, payload["num_classes"]):
+        raise ValueError(
+            f"{source} has {payload['num_classes']} classes, but num_classes={num_classes} was asked for"
+        )
+    config = resolve_config(payload["arch"], payload.get("model_config") or {})
+    model = assemble(
+        config, payload["num_classes"], class_names=payload.get("class_names"),
+        trainable_backbone_layers=trainable_backbone_layers,
+    )
+    _load_strict(model, payload["model"], source)
+    return model.set_precision(precision)
+
+
+def load_model(path: str, *, precision: str = "fp32") -> SSD:
+    """Rebuild a model (architecture, classes, names, weights) from one of our checkpoints."""
+    payload = _load_state_file(path)
+    if detect_weights_format(payload) != "ssd_core":
+        raise ValueError(f"{path} is not an ssd_core checkpoint; use build_model(arch, weights=...) for foreign weights")
+    return model_from_checkpoint(payload, precision=precision, source=str(path))
+
+
+def config_as_dict(config: SSDConfig) -> dict[str, Any]:
+    return asdict(config)
+
+
+Builder = Callable[..., SSD]
+
+
+def _builder(arch: str) -> Builder:
+    def build(**kwargs: Any) -> SSD:
+        return build_model(arch, **kwargs)
+
+    build.__name__ = arch
+    build.__doc__ = f"Build {arch}; keyword arguments as for build_model."
+    return build
+
+
+ssd300_vgg16 = _builder("ssd300_vgg16")
+ssd512_vgg16 = _builder("ssd512_vgg16")
+ssd300_resnet50 = _builder("ssd300_resnet50")
+ssdlite320_mobilenet_v3_large = _builder("ssdlite320_mobilenet_v3_large")
+ssdlite300_mobilenet_v2 = _builder("ssdlite300_mobilenet_v2")
