@@ -318,8 +318,6 @@ def write_report(metrics: dict[str, Any], output_dir: str | Path, *, results: Se
     detections from ``results`` (default ``metrics["results"]``), or from ``model`` when no results
     are given.
     """
-    from ssd_core.storage import atomic_write_bytes
-
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = list(results if results is not None else metrics.get("results") or [])
@@ -328,8 +326,8 @@ def write_report(metrics: dict[str, Any], output_dir: str | Path, *, results: Se
     for key in ("per_class_AP", "per_class_AP50", "num_images", "num_detections"):
         if key in metrics:
             saved[key] = metrics[key]
-    atomic_write_bytes(str(out / "metrics.json"), json.dumps(saved, indent=2).encode())
-    atomic_write_bytes(str(out / "results.json"), json.dumps(results).encode())
+    (out / "metrics.json").write_text(json.dumps(saved, indent=2))
+    (out / "results.json").write_text(json.dumps(results))
 
     pictures = []
     if metrics.get("pr_curves"):
@@ -383,7 +381,7 @@ def plot_pr_curves(pr_curves: dict[str, Any], out_png: str | Path, *,
 
     recall = pr_curves["recall"]
     panels = pr_curves["precision"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 6.5), squeeze=False)
     for ax, (iou, curves) in zip(axes[0], panels.items()):
         classes = {name: curve for name, curve in curves.items() if name != "all" and curve is not None}
         labelled = len(classes) <= max_legend_classes
@@ -399,7 +397,9 @@ def plot_pr_curves(pr_curves: dict[str, Any], out_png: str | Path, *,
                xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="lower left", title="class (AP at this IoU)", title_fontsize=8)
+            # Below the axes: inside, a legend hides the low-recall end of the curves.
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3,
+                      title="class (AP at this IoU)", title_fontsize=8, frameon=False)
     fig.suptitle("Precision-recall (area all, 100 detections per image)")
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)

@@ -64,7 +64,7 @@ def to_pil(image: torch.Tensor | Image.Image) -> Image.Image:
 def _style(width: int, height: int) -> tuple[int, int]:
     """(line width, font size) scaled to the image so boxes and text read the same at any resolution."""
     side = max(width, height)
-    return max(2, round(side / 250)), max(11, round(side / 40))
+    return max(2, round(side / 250)), max(13, round(side / 36))
 
 
 def draw_detections(image: torch.Tensor | Image.Image, boxes: torch.Tensor | Sequence, labels: torch.Tensor | Sequence,
@@ -90,15 +90,18 @@ def draw_detections(image: torch.Tensor | Image.Image, boxes: torch.Tensor | Seq
         (i for i, s in enumerate(score_list) if s is None or s >= score_threshold),
         key=lambda i: score_list[i] if score_list[i] is not None else 0.0,
     )
+    drawn = []
     for i in order:
         x1, y1, x2, y2 = (float(v) for v in box_list[i])
-        label = label_list[i]
-        colour = class_colour(label)
-        name = class_names[label] if 0 <= label < len(class_names) else f"class {label}"
-        text = name if score_list[i] is None else f"{name} {score_list[i]:.2f}"
+        colour = class_colour(label_list[i])
         # Dark halo one pixel either side of the coloured line keeps the box visible on any background.
         draw.rectangle((x1 - 1, y1 - 1, x2 + 1, y2 + 1), outline=(0, 0, 0), width=line_width + 2)
         draw.rectangle((x1, y1, x2, y2), outline=colour, width=line_width)
+        drawn.append((i, x1, y1, colour))
+    for i, x1, y1, colour in drawn:  # labels after all boxes, so no box line crosses a label
+        label = label_list[i]
+        name = class_names[label] if 0 <= label < len(class_names) else f"class {label}"
+        text = name if score_list[i] is None else f"{name} {score_list[i]:.2f}"
         _draw_label(draw, text, (x1, y1), colour, font, canvas.size, line_width)
     return canvas
 
@@ -112,7 +115,7 @@ def _draw_label(draw: Any, text: str, corner: tuple[float, float], colour: tuple
     box_w, box_h = text_w + 2 * pad, text_h + 2 * pad
     x = min(max(corner[0] - 1, 0), max(image_size[0] - box_w, 0))
     y = corner[1] - 1 - box_h if corner[1] - 1 - box_h >= 0 else max(corner[1], 0)
-    draw.rectangle((x, y, x + box_w, y + box_h), fill=colour)
+    draw.rectangle((x, y, x + box_w, y + box_h), fill=colour, outline=(0, 0, 0), width=1)
     draw.text((x + pad - left, y + pad - top), text, fill=_text_colour(colour), font=font)
 
 
