@@ -1,0 +1,46 @@
+"""`ssd detect`: bulk detection over a folder or S3 prefix with Ray Data, written as Parquet."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "detect",
+        help="detect objects in every image under a folder or s3:// prefix -> Parquet (Ray Data)",
+        description="Bulk detection: lists INPUT recursively, skips objects already in OUTPUT/images/ for "
+        "these weights, and writes OUTPUT/detections/ and OUTPUT/images/ (zstd Parquet, partitioned by "
+        "run_id). S3 endpoint and credentials come from the standard AWS environment.",
+    )
+    parser.add_argument("--input", required=True, help="folder or s3://bucket/prefix of images")
+    parser.add_argument("--output", required=True, help="folder or s3://bucket/prefix for the Parquet tables")
+    parser.add_argument("--arch", help="architecture (needed unless --weights is one of our checkpoints)")
+    parser.add_argument("--weights", help="our checkpoint, or a torchvision/NVIDIA state_dict with --arch; "
+                        "omitted: random init (demo only)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--score-threshold", type=float, default=0.3)
+    parser.add_argument("--run-id", help="partition name for this run (default: UTC timestamp + random suffix)")
+    parser.add_argument("--num-actors", type=int, help="inference actors (default: one per GPU, else 1)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--rows-per-file", type=int, default=1024, help="images per output block file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ssd_core.bulk import detect_bucket
+
+    summary = detect_bucket(
+        args.input, args.output, arch=args.arch, weights=args.weights, batch_size=args.batch_size,
+        score_threshold=args.score_threshold, run_id=args.run_id, num_actors=args.num_actors,
+        precision=args.precision, rows_per_file=args.rows_per_file, progress=not args.no_progress,
+    )
+    print(
+        f"run {summary['run_id']}: {summary['images_seen']} images seen, {summary['images_new']} new, "
+        f"{summary['ok']} ok, {summary['error']} error, {summary['detections']} detections, "
+        f"{summary['images_per_s']:.2f} images/s ({summary['seconds']:.1f} s)"
+    )
+    print(json.dumps(summary))
+    return 0
