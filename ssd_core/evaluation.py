@@ -153,7 +153,9 @@ def coco_metrics(gt: str | Path | COCO, results: str | Path | Sequence[dict], *,
 
     evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
     if image_ids is not None:
-        evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+        if not len(image_ids):
+            raise ValueError("no images to evaluate")  # pycocotools would silently take all of them
+        evaluator.params.imgIds = sorted({int(i) for i in image_ids})
     with _quiet():
         evaluator.evaluate()
         evaluator.accumulate()

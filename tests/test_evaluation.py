@@ -269,3 +269,31 @@ def test_random_weight_model_end_to_end(synthetic_root, tmp_path):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["AP"] == metrics["AP"] and "results" not in saved
     assert (tmp_path / "samples.png").stat().st_size > 0 and "samples.png" in report.read_text()
+
+
+def test_cli_evaluates_a_checkpoint(synthetic_root, tmp_path, capsys):
+    from ssd_core import build_model
+    from ssd_core.zoo import checkpoint_payload
+
+    torch.manual_seed(0)
+    model = build_model("ssdlite320_mobilenet_v3_large", num_classes=7,
+                        class_names=["__background__", "circle", "square", "triangle", "star", "ring", "cross"])
+    weights = tmp_path / "last.pt"
+    torch.save(checkpoint_payload(model), weights)
+    out = tmp_path / "report"
+    assert ssd_main(["eval", "--weights", str(weights), "--data", str(synthetic_root), "--output", str(out),
+                     "--batch-size", "2", "--workers", "0", "--max-images", "2", "--samples", "2"]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["num_images"] == 2 and all(name in saved for name in evaluation.METRIC_NAMES)
+    assert "AR100" in printed and "report:" in printed
+    assert {p.name for p in out.iterdir()} >= {"metrics.json", "results.json", "report.md", "pr_curves.png",
+                                                "samples.png"}
+
+
+def test_no_images_to_score_is_an_error_not_all_images(coco_files):
+    _, gt_path, dt_path = coco_files
+    with pytest.raises(ValueError, match="no images"):
+        evaluation.coco_metrics(gt_path, dt_path, image_ids=[])
+    only_first = evaluation.coco_metrics(gt_path, [], image_ids=[10])
+    assert only_first["num_images"] == 1
