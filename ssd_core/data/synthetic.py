@@ -115,23 +115,27 @@ def _shape_mask(shape: str, width: int, height: int, rng: np.random.Generator) -
 
 def _muted_colour(rng: np.random.Generator) -> np.ndarray:
     """A greyish colour, so that the saturated shapes stand out from every background."""
-    return rng.uniform(70, 180) + rng.uniform(-25, 25, size=3)
+    return (rng.uniform(70, 180) + rng.uniform(-25, 25, size=3)).astype(np.float32)
 
 
 def _background(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
-    """Float image [H, W, 3] (0..255) with one of five textures plus sensor-like noise."""
+    """Float32 image [H, W, 3] (0..255) with one of five textures plus sensor-like noise."""
     kind = rng.integers(5)
     colour_a, colour_b = _muted_colour(rng), _muted_colour(rng)
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    ys = np.arange(height, dtype=np.float32)[:, None]  # [H, 1]
+    xs = np.arange(width, dtype=np.float32)[None, :]  # [1, W]
     if kind == 0:  # flat with strong noise
         weight = np.zeros((height, width), np.float32)
     elif kind == 1:  # linear gradient at a random angle
         angle = rng.uniform(0, 2 * np.pi)
-        ramp = xs * math.cos(angle) + ys * math.sin(angle)
+        ramp = xs * np.float32(math.cos(angle)) + ys * np.float32(math.sin(angle))
         weight = (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1.0)
     elif kind == 2:  # soft stripes
         angle, period = rng.uniform(0, np.pi), rng.uniform(8, 40)
-        weight = 0.5 + 0.5 * np.sin(2 * np.pi * (xs * math.cos(angle) + ys * math.sin(angle)) / period)
+        phase = (xs * np.float32(math.cos(angle)) + ys * np.float32(math.sin(angle))) * np.float32(
+            2 * np.pi / period
+        )
+        weight = 0.5 + 0.5 * np.sin(phase)
     elif kind == 3:  # checker board
         cell = int(rng.integers(10, 41))
         weight = (((xs // cell) + (ys // cell)) % 2).astype(np.float32)
@@ -139,10 +143,11 @@ def _background(height: int, width: int, rng: np.random.Generator) -> np.ndarray
         coarse = rng.uniform(0, 255, size=(int(rng.integers(3, 8)), int(rng.integers(3, 8)))).astype(np.uint8)
         blobs = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
         blobs = blobs.filter(ImageFilter.GaussianBlur(radius=8))
-        weight = np.asarray(blobs, dtype=np.float32) / 255.0
-    image = colour_a + weight[..., None] * (colour_b - colour_a)
-    noise_sigma = 18.0 if kind == 0 else rng.uniform(3, 10)
-    return image + rng.normal(0.0, noise_sigma, size=image.shape).astype(np.float32)
+        weight = np.asarray(blobs, dtype=np.float32) / np.float32(255.0)
+    image = colour_a + weight[..., None] * (colour_b - colour_a)  # [H, W, 3]
+    noise_sigma = np.float32(18.0 if kind == 0 else rng.uniform(3, 10))
+    image += noise_sigma * rng.standard_normal(size=image.shape, dtype=np.float32)
+    return image
 
 
 def _target_side(shape: str, rng: np.random.Generator, max_side: int) -> int:
@@ -164,6 +169,8 @@ def render_image(
     # owner[y, x] = index of the object whose pixel is on top there, -1 for background.
     owner = np.full((height, width), -1, dtype=np.int16)
     full_areas: list[int] = []
+    visible_areas = np.zeros(0, dtype=np.int64)  # [objects so far]
+    placements: list[tuple[int, int, int, int]] = []  # x0, y0, w, h of each object's drawing box
     categories: list[int] = []
 
     num_objects = (
@@ -184,26 +191,27 @@ def render_image(
             y0 = int(rng.integers(0, height - box_h + 1))
             mask = _shape_mask(shape, box_w, box_h, rng)
             region = owner[y0 : y0 + box_h, x0 : x0 + box_w]
-            if full_areas:
-                # Visible pixels each earlier object would keep after this one is drawn on top.
-                visible_now = np.bincount(owner.ravel() + 1, minlength=len(full_areas) + 1)[1:]
-                covered = np.bincount(region[mask] + 1, minlength=len(full_areas) + 1)[1:]
-                if np.any(visible_now - covered < MIN_VISIBLE_FRACTION * np.asarray(full_areas)):
-                    continue
-            index = len(full_areas)
-            region[mask] = index
+            # Pixels of each earlier object this one would cover when drawn on top.
+            covered = np.bincount(region[mask] + 1, minlength=len(full_areas) + 1)[1:]
+            if np.any(visible_areas - covered < MIN_VISIBLE_FRACTION * np.asarray(full_areas)):
+                continue
+            area = int(mask.sum())
+            region[mask] = len(full_areas)
+            visible_areas = np.append(visible_areas - covered, area)
             jitter = rng.integers(-config.colour_jitter, config.colour_jitter + 1, size=3)
-            shade = np.clip(np.asarray(colour) + jitter, 0, 255)
-            image[y0 : y0 + box_h, x0 : x0 + box_w][mask] = shade + rng.normal(
-                0, 4, size=(int(mask.sum()), 3)
-            )
-            full_areas.append(int(mask.sum()))
+            shade = np.clip(np.asarray(colour) + jitter, 0, 255).astype(np.float32)
+            object_noise = rng.standard_normal(size=(area, 3), dtype=np.float32) * np.float32(4.0)
+            image[y0 : y0 + box_h, x0 : x0 + box_w][mask] = shade + object_noise
+            full_areas.append(area)
+            placements.append((x0, y0, box_w, box_h))
             categories.append(category_id)
             break
 
     objects = []
-    for index, category_id in enumerate(categories):
-        ys, xs = np.nonzero(owner == index)
+    for index, (category_id, (x0, y0, box_w, box_h)) in enumerate(zip(categories, placements)):
+        # An object's visible pixels lie inside its own drawing box: search only there.
+        ys, xs = np.nonzero(owner[y0 : y0 + box_h, x0 : x0 + box_w] == index)
+        xs, ys = xs + x0, ys + y0
         x1, y1 = int(xs.min()), int(ys.min())
         box = [float(x1), float(y1), float(xs.max() + 1 - x1), float(ys.max() + 1 - y1)]
         objects.append((category_id, box, int(xs.size)))

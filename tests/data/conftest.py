@@ -42,3 +42,15 @@ def write_coco(
 @pytest.fixture
 def coco_writer():
     return write_coco
+
+
+@pytest.fixture(autouse=True)
+def single_torch_thread():
+    """The data tests work on tiny tensors: one intra-op thread avoids OpenMP spin-waiting against
+    other processes on a busy machine (which made them 50x slower), restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

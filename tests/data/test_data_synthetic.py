@@ -96,6 +96,7 @@ def test_boxes_are_visible_object_extent():
             x, y, w, h = int(x), int(y), int(w), int(h)
             inside = np.abs(pixels[y : y + h, x : x + w] - colours[category_id]).max(axis=2) < tolerance
             assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
-            assert abs(int(inside.sum()) - area) <= 0.05 * area + 5  # area = visible pixels
+            # every visible pixel has the object's colour (other same-coloured pixels may add to the count)
+            assert int(inside.sum()) >= 0.97 * area and area <= w * h
             checked += 1
     assert checked > 10
