@@ -136,11 +136,16 @@ def _decode_image(data: bytes, source: str, image_id: int) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image
 
     try:
-        return decode_image(
+        image = decode_image(
             torch.frombuffer(bytearray(data), dtype=torch.uint8),
             mode=ImageReadMode.RGB,
             apply_exif_orientation=True,
         )
+        if image.dtype != torch.uint8:  # 16-bit PNGs
+            from torchvision.transforms.v2.functional import to_dtype
+
+            image = to_dtype(image, torch.uint8, scale=True)
+        return image
     except (RuntimeError, ValueError):
         pass  # formats torchvision cannot decode (BMP, TIFF, ...) go through PIL
     from PIL import Image, ImageOps, UnidentifiedImageError

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 
 import numpy as np
 import pytest
@@ -180,3 +181,21 @@ def test_detections_to_coco_results_loads_in_pycocotools(synth_dir):
     evaluator.accumulate()
     evaluator.summarize()
     assert evaluator.stats[0] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_other_image_formats_and_pickling(tmp_path, coco_writer):
+    images = [
+        {"id": 1, "file_name": "deep.png", "width": 8, "height": 6},
+        {"id": 2, "file_name": "grey.bmp", "width": 8, "height": 6},
+    ]
+    root = coco_writer(tmp_path, images, [], CATEGORIES, write_files=False)
+    Image.fromarray(np.full((6, 8), 65535, dtype=np.uint16)).save(root / "train" / "deep.png")  # 16-bit grey
+    Image.fromarray(np.full((6, 8), 51, dtype=np.uint8)).save(root / "train" / "grey.bmp")
+    dataset = CocoDataset(root, "train")
+    clone = pickle.loads(pickle.dumps(dataset))  # what spawn-started workers and Ray receive
+    for ds in (dataset, clone):
+        bright, _ = ds[0]
+        grey, _ = ds[1]
+        assert bright.shape == grey.shape == (3, 6, 8)
+        torch.testing.assert_close(bright, torch.ones(3, 6, 8))
+        torch.testing.assert_close(grey, torch.full((3, 6, 8), 0.2))
