@@ -33,6 +33,9 @@ def multibox_loss(
     foreground = matches >= 0  # [B, A]
     num_foreground = int(foreground.sum())
     safe_matches = matches.clamp(min=0)
+    if gt_boxes.shape[1] == 0:  # no objects in the whole batch: one dummy box nobody matches
+        gt_boxes = gt_boxes.new_zeros((gt_boxes.shape[0], 1, 4))
+        gt_labels = gt_labels.new_zeros((gt_labels.shape[0], 1))
 
     matched_boxes = torch.gather(gt_boxes, 1, safe_matches[..., None].expand(-1, -1, 4))  # [B, A, 4]
     fg_targets = encode(matched_boxes[foreground], anchors.expand_as(matched_boxes)[foreground], box_weights)
