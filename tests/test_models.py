@@ -149,7 +149,7 @@ class NvidiaSSD300(nn.Module):
         for block in self.additional_blocks:
             x = block(x)
             sources.append(x)
-        locs = [l(s).view(s.size(0), 4, -1) for s, l in zip(sources, self.loc)]
+        locs = [loc(s).view(s.size(0), 4, -1) for s, loc in zip(sources, self.loc)]
         confs = [c(s).view(s.size(0), self.label_num, -1) for s, c in zip(sources, self.conf)]
         return torch.cat(locs, 2), torch.cat(confs, 2), [s.shape[-2:] for s in sources]
 
