@@ -31,7 +31,6 @@ SHAPE_CATEGORIES: tuple[tuple[int, str, tuple[int, int, int]], ...] = (
 SPLIT_INDEX = {"train": 0, "val": 1}
 
 # COCO scale buckets of the visible area in pixels: small < 32^2 <= medium < 96^2 <= large.
-SCALE_PROBABILITIES = {"small": 0.2, "medium": 0.5, "large": 0.3}
 SCALE_AREA_RANGES = {"small": (300.0, 950.0), "medium": (1300.0, 8000.0), "large": (10000.0, 30000.0)}
 # Fraction of its bounding square that each shape fills; used to pick a size for a target area.
 SHAPE_FILL_FRACTION = {
@@ -56,6 +55,8 @@ class SynthConfig:
     max_objects: int = 6
     empty_image_probability: float = 0.03
     colour_jitter: int = 18
+    # Probabilities of drawing a small / medium / large target area (COCO buckets, see SCALE_AREA_RANGES).
+    scale_probabilities: tuple[float, float, float] = (0.2, 0.5, 0.3)
 
 
 def _unit_polygon(shape: str, rng: np.random.Generator) -> np.ndarray:
@@ -150,9 +151,11 @@ def _background(height: int, width: int, rng: np.random.Generator) -> np.ndarray
     return image
 
 
-def _target_side(shape: str, rng: np.random.Generator, max_side: int) -> int:
+def _target_side(
+    shape: str, rng: np.random.Generator, max_side: int, scale_probabilities: tuple[float, float, float]
+) -> int:
     """Side of the shape's bounding square for a visible area drawn from one COCO scale bucket."""
-    scale = rng.choice(list(SCALE_PROBABILITIES), p=list(SCALE_PROBABILITIES.values()))
+    scale = rng.choice(list(SCALE_AREA_RANGES), p=list(scale_probabilities))
     low, high = SCALE_AREA_RANGES[scale]
     area = rng.uniform(low, high)
     side = math.sqrt(area / SHAPE_FILL_FRACTION[shape])
@@ -179,7 +182,7 @@ def render_image(
     for _ in range(num_objects):
         category_index = int(rng.integers(len(SHAPE_CATEGORIES)))
         category_id, shape, colour = SHAPE_CATEGORIES[category_index]
-        side = _target_side(shape, rng, int(0.9 * min(width, height)))
+        side = _target_side(shape, rng, int(0.9 * min(width, height)), config.scale_probabilities)
         for _try in range(PLACEMENT_TRIES):
             aspect = rng.uniform(0.8, 1.25)
             box_w = max(int(round(side * math.sqrt(aspect))), 8)

@@ -100,3 +100,13 @@ def test_boxes_are_visible_object_extent():
             assert int(inside.sum()) >= 0.97 * area and area <= w * h
             checked += 1
     assert checked > 10
+
+
+def test_scale_probabilities_are_configurable():
+    from ssd_core.data.synthetic import SynthConfig, render_image
+
+    config = SynthConfig(scale_probabilities=(0.0, 1.0, 0.0))
+    areas = [area for i in range(15) for *_, area in render_image(np.random.default_rng([5, i]), config)[1]]
+    assert len(areas) > 10
+    assert max(areas) < 96**2  # no large object at all
+    assert np.mean(np.array(areas) >= 32**2) > 0.8  # small only through partial occlusion
