@@ -1,0 +1,74 @@
+"""Batched post-processing equals torchvision's image-by-image, class-by-class reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from ssd_core.anchors import DefaultBoxes
+from ssd_core.postprocess import PostProcessConfig, postprocess
+
+WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+SIZE = (300, 300)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None).eval()
+
+
+def _anchors():
+    boxes = DefaultBoxes([[2], [2, 3], [2, 3], [2, 3], [2], [2]],
+                         scales=[0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05], steps=[8, 16, 32, 64, 100, 300])
+    return boxes.xyxy([(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)], SIZE)
+
+
+def _compare(reference, logits, regression, config, original_sizes):
+    anchors = _anchors()
+    reference.score_thresh, reference.nms_thresh = config.score_thresh, config.nms_thresh
+    reference.detections_per_img, reference.topk_candidates = config.detections_per_img, config.topk_candidates
+    batch = logits.shape[0]
+    expected = reference.postprocess_detections(
+        {"cls_logits": logits, "bbox_regression": regression}, [anchors] * batch, [SIZE] * batch
+    )
+    expected = reference.transform.postprocess(expected, [SIZE] * batch, original_sizes)
+    got = postprocess(logits, regression, anchors, SIZE, torch.tensor(original_sizes), config, WEIGHTS)
+    for e, o in zip(expected, got):
+        assert e["scores"].unique().numel() == e["scores"].numel(), "ties would make the order arbitrary"
+        assert o["boxes"].shape == e["boxes"].shape
+        torch.testing.assert_close(o["scores"], e["scores"])
+        torch.testing.assert_close(o["boxes"], e["boxes"], atol=1e-4, rtol=1e-5)
+        assert torch.equal(o["labels"], e["labels"])
+    return got
+
+
+def test_random_outputs_many_candidates(reference):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 8732, 21, generator=g) * 3
+    regression = torch.randn(3, 8732, 4, generator=g) * 0.5
+    got = _compare(reference, logits, regression, PostProcessConfig(), [(300, 300), (480, 640), (200, 133)])
+    assert all(len(d["boxes"]) == 200 for d in got)
+
+
+def test_heavy_suppression_grows_the_pool_and_stays_exact(reference):
+    # Every default box predicts nearly the same box for one class, so NMS keeps few of the first
+    # pool and the exact answer needs the pool to grow.
+    g = torch.Generator().manual_seed(1)
+    anchors = _anchors()
+    from ssd_core.boxes import encode
+
+    target = torch.tensor([100.0, 100.0, 200.0, 220.0]) + torch.randn(8732, 4, generator=g)
+    regression = encode(target, anchors, WEIGHTS).unsqueeze(0)
+    logits = torch.randn(1, 8732, 6, generator=g)
+    logits[..., 2] += 4
+    got = _compare(reference, logits, regression, PostProcessConfig(pool_size=50, detections_per_img=100),
+                   [(300, 300)])
+    assert 0 < len(got[0]["boxes"]) < 100
+
+
+def test_nothing_above_threshold(reference):
+    logits = torch.zeros(2, 8732, 5)
+    logits[..., 0] = 20  # background wins everywhere
+    got = _compare(reference, logits, torch.zeros(2, 8732, 4), PostProcessConfig(), [(300, 300), (100, 100)])
+    assert all(d["boxes"].shape == (0, 4) for d in got)
