@@ -77,6 +77,8 @@ def parse_coco_document(document: Any, source: str) -> dict[str, Any]:
     if len(image_index) != len(image_ids):
         raise ValueError(f"{source}: duplicate image ids")
     for image in images:
+        if not isinstance(image["id"], int) or isinstance(image["id"], bool):
+            raise ValueError(f"{source}: image id {image['id']!r} is not an integer")
         if not (_is_number(image["width"]) and _is_number(image["height"])):
             raise ValueError(f"{source}: image id {image['id']} has a non-numeric width/height")
     image_sizes = np.array([[image["width"], image["height"]] for image in images], dtype=np.float64).reshape(

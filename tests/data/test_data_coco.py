@@ -101,6 +101,8 @@ def test_crowd_degenerate_clipped_and_empty_images(tmp_path, coco_writer, caplog
         (lambda d: d["annotations"][0].pop("bbox"), "annotation id 11 is missing required key(s) ['bbox']"),
         (lambda d: d["images"][0].pop("file_name"), "image id 1 is missing required key(s) ['file_name']"),
         (lambda d: d.pop("categories"), "missing required key(s) ['categories']"),
+        (lambda d: d["images"][0].update(id="one"), "image id 'one' is not an integer"),
+        (lambda d: d["images"][0].update(width=None), "image id 1 has a non-numeric width/height"),
     ],
 )
 def test_broken_annotation_file_names_file_and_record(tmp_path, coco_writer, break_document, expected):
