@@ -358,15 +358,15 @@ def _load_model(config: DetectConfig):
 
     from ssd_core import build_model, load_model
 
-    overrides = {"score_thresh": config.score_threshold}
     if config.weights is None:
         torch.manual_seed(config.seed)
-        model = build_model(config.arch, precision=config.precision, **overrides)
+        model = build_model(config.arch, precision=config.precision)
     elif config.arch is None:
         model = load_model(config.weights, precision=config.precision)
-        model.postprocess_config = replace(model.postprocess_config, score_thresh=config.score_threshold)
     else:
-        model = build_model(config.arch, weights=config.weights, precision=config.precision, **overrides)
+        model = build_model(config.arch, weights=config.weights, precision=config.precision)
+    # Set after loading: checkpoints carry their own post-processing settings.
+    model.postprocess_config = replace(model.postprocess_config, score_thresh=config.score_threshold)
     return model.eval()
 
 
@@ -604,6 +604,17 @@ def pending_objects(listing, ledger, digest: str):
     return pending.drop_columns(["weights_digest"]).sort_by("image_uri")
 
 
+def _worker_storage_options(storage_options, *uris: str) -> dict[str, Any]:
+    """The caller's options plus the S3 endpoint resolved here, so Ray workers started before the
+    environment was set still reach the same endpoint (the endpoint is not a secret; keys stay in the
+    credential chain)."""
+    options = dict(storage_options or {})
+    endpoint = storage.s3_endpoint_from_env()
+    if endpoint and any(storage.is_s3(uri) for uri in uris) and "endpoint_url" not in options:
+        options["endpoint_url"] = endpoint
+    return options
+
+
 def _init_ray(num_cpus: int | None = None) -> None:
     import ray
 
@@ -630,8 +641,9 @@ def detect_bucket(
     seed: int = DEFAULT_SEED,
 ) -> dict[str, Any]:
     """Detect objects in every image under ``input_uri`` not yet processed with these weights, writing
-    Parquet under ``output_uri`` (see the module docstring). Returns the summary: run_id, images_seen,
-    images_new, images_skipped, ok, error, detections, seconds, images_per_s, model, weights_digest.
+    Parquet under ``output_uri`` (see the module docstring). Returns the summary: run_id, images_seen
+    (objects listed), images_new (not yet in the ledger), images_skipped, ok, error, not_images,
+    detections, seconds, images_per_s, model, weights_digest.
 
     ``weights``: one of our checkpoints (``arch`` may be omitted) or a foreign state_dict for ``arch``;
     None means random initialisation (seeded; for demos and tests only).
@@ -679,10 +691,13 @@ def detect_bucket(
             weights_digest=digest, class_names=list(model.class_names), batch_size=batch_size,
             rows_per_file=rows_per_file, score_threshold=score_threshold, precision=precision, seed=seed,
             max_pixels=max_pixels, threads_per_actor=1 if gpus else max(1, cpus // num_actors),
-            storage_options=dict(storage_options or {}), preprocess_spec=PreprocessSpec.of(model),
+            storage_options=_worker_storage_options(storage_options, input_uri, output_uri),
+            preprocess_spec=PreprocessSpec.of(model),
         )
         del model
         _run_pipeline(pending, config, num_actors=num_actors, use_gpu=gpus > 0, summary=summary, progress=progress)
+    # Extension-less objects whose content was not an image (checked anew each run: they have no row).
+    summary["not_images"] = summary["images_new"] - summary["ok"] - summary["error"]
     seconds = time.perf_counter() - started
     summary["seconds"] = round(seconds, 3)
     summary["images_per_s"] = round((summary["ok"] + summary["error"]) / seconds, 3) if seconds > 0 else 0.0

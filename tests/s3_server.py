@@ -62,3 +62,17 @@ def s3_bucket(moto_s3: str) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=moto_s3).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def ray_local(moto_s3: str):
+    """A small local Ray cluster started after the AWS environment is set, so its workers inherit it."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    if started:
+        ray.shutdown()
