@@ -1,0 +1,77 @@
+"""Training checkpoints: atomic writes (local or s3://), reads with `weights_only=True`, RNG state.
+
+A checkpoint is a plain dict that `torch.load(weights_only=True)` accepts: tensors, numbers, strings,
+lists, tuples and dicts only. Its model part comes from `zoo.checkpoint_payload`, so
+`ssd_core.load_model(path)` rebuilds the model from the file alone; the engine adds optimizer,
+scheduler, scaler, progress counters, RNG states and the resolved training config.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from ssd_core.storage import atomic_write_bytes, exists, open_uri
+
+CHECKPOINT_VERSION = 1
+
+
+def serialize(payload: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def write_checkpoint(uri: str, payload: dict[str, Any]) -> None:
+    """Write `payload` to `uri` so that readers see the previous file or the complete new one, never a
+    partial one (serialised in memory first, then storage.atomic_write_bytes: temp file + rename / one PUT)."""
+    atomic_write_bytes(uri, serialize(payload))
+
+
+def read_checkpoint(uri: str) -> dict[str, Any]:
+    """torch.load(weights_only=True) of a local path or s3:// URI, tensors on the CPU."""
+    if not exists(uri):
+        raise FileNotFoundError(f"checkpoint not found: {uri}")
+    with open_uri(uri, "rb") as handle:
+        data = handle.read()
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+# -- RNG state as weights_only-safe values --------------------------------------------------------
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), NumPy and Python RNG states as tensors, ints, floats and lists."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(np_kind),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "python": {"version": int(py_version), "state": [int(v) for v in py_state], "gauss_next": py_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state((
+        numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+        numpy_state["has_gauss"], numpy_state["cached_gaussian"],
+    ))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
