@@ -1,0 +1,325 @@
+"""Distributed training on Ray Train: the engine's `fit` inside a TorchTrainer, unchanged.
+
+One process per Ray worker runs `engine.fit` with a `RayRuntime`: DistributedDataParallel over nccl
+(GPUs) or gloo (CPUs), the batches of each epoch dealt out by rank (the engine's `EpochSampler`, which
+shards like DistributedSampler), evaluation and run files on rank 0, and every checkpoint reported
+through `ray.train.report` into Ray's storage (a local directory or S3) as well as written to
+RUN_DIR/last.pt, so `ssd_core.load_model(RUN_DIR/last.pt)` works for a Ray run as for a local one.
+
+Recovery has two levels, both resuming from the latest reported checkpoint:
+- a worker that dies is replaced by Ray (`FailureConfig(max_failures)`), and the new worker group
+  starts the loop again with `ray.train.get_checkpoint()` returning that checkpoint;
+- a run started again with the same run name and storage path (Ray Train V2: a new trainer with the same
+  `RunConfig(name, storage_path)`) picks up where the stopped one ended.
+
+With RAY_ADDRESS set, `fit_distributed` joins that cluster; otherwise it starts a local one. On a
+cluster of several nodes, RUN_DIR, the dataset and the storage path must be reachable from every node
+(s3:// or a shared file system): worker processes do not see the driver's local disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from torch import nn
+
+from ssd_core import engine
+from ssd_core.checkpoint import serialize
+from ssd_core.engine import TrainConfig
+from ssd_core.storage import atomic_write_bytes, exists, is_s3, join_uri
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "last.pt"  # the file inside each reported Ray checkpoint directory
+RAY_STORAGE_SUBDIR = "ray"  # default storage path: RUN_DIR/ray
+
+
+# -- the worker side -------------------------------------------------------------------------------
+
+
+class RayRuntime(engine.Runtime):
+    """The engine's runtime inside one Ray Train worker (rank `rank` of `world_size`).
+
+    The device is the one Ray assigned (`ray.train.torch.get_device()`); the model is wrapped in DDP
+    (optionally with SyncBatchNorm, CUDA only) by `ray.train.torch.prepare_model`; checkpoints are
+    reported through `ray.train.report` by every rank (it is a barrier), with the checkpoint directory
+    from rank 0 only.
+    """
+
+    def __init__(self, output: str, *, resume: bool = False, sync_batchnorm: bool = False) -> None:
+        import ray.train
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        super().__init__(output, device=device.type, resume=resume)
+        self.device = device  # with its index: cuda:k on a multi-GPU node
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.sync_batchnorm = sync_batchnorm
+        self.restored_from: str | None = None  # the Ray checkpoint this worker group resumed from
+        self._scratch = tempfile.mkdtemp(prefix=f"ssd-ray-rank{self.rank}-")
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """SyncBatchNorm (if asked, world_size > 1), device placement and the DDP wrapper."""
+        import ray.train.torch
+
+        if self.sync_batchnorm and self.world_size > 1:
+            if self.device.type != "cuda":
+                # torch's SyncBatchNorm raises on CPU tensors; fail before the first step does.
+                raise ValueError("sync_batchnorm needs CUDA devices (torch's SyncBatchNorm does not run on CPU)")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return ray.train.torch.prepare_model(model)
+
+    def restore_checkpoint(self) -> str | None:
+        """The latest checkpoint Ray reported for this run (after a worker failure or when the run is
+        started again under the same name), downloaded to local disk; else RUN_DIR/last.pt with --resume."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return super().restore_checkpoint()
+        # A directory per rank: ranks on one node must not download into the same place.
+        local = checkpoint.to_directory(os.path.join(self._scratch, "restored"))
+        self.restored_from = checkpoint.path
+        if self.is_main:
+            log.info("resuming from Ray checkpoint %s", checkpoint.path)
+        return os.path.join(local, CHECKPOINT_FILE)
+
+    def save_checkpoint(self, payload: dict[str, Any], tag: str, *, best: bool = False) -> None:
+        """Rank 0: RUN_DIR/last.pt (and best.pt), then the same bytes reported as a Ray checkpoint named
+        after `tag`. Other ranks report the metrics only (the call is a barrier for all of them)."""
+        import ray.train
+
+        state = payload.get("state", {})
+        metrics = {"step": state.get("step"), "epoch": state.get("epoch"), "tag": tag, **payload.get("metrics", {})}
+        if not self.is_main:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        data = serialize(payload)
+        atomic_write_bytes(join_uri(self.output, CHECKPOINT_FILE), data)
+        if best:
+            atomic_write_bytes(join_uri(self.output, "best.pt"), data)
+        with tempfile.TemporaryDirectory(dir=self._scratch) as directory:
+            with open(os.path.join(directory, CHECKPOINT_FILE), "wb") as handle:
+                handle.write(data)
+            # The timestamp keeps names unique if a restarted run reaches the same tag again.
+            name = f"{tag}_{time.strftime('%Y%m%d-%H%M%S')}"
+            # SYNC upload (the default): the directory is copied to storage before report returns.
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=name)
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        """Per-epoch metrics to Ray (rank 0's become `Result.metrics`); every rank calls it."""
+        import ray.train
+
+        ray.train.report(metrics)
+
+    def close(self) -> None:
+        shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """What each Ray worker runs: `engine.fit` with a `RayRuntime`.
+
+    `config_dict`: {"config": TrainConfig.to_dict(), "sync_batchnorm": bool, "threads": int}.
+    Returns fit's final metrics plus where the run resumed from (Ray keeps rank 0's return value).
+    """
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One intra-op thread per CPU the worker holds: more only fight the other workers for cores.
+    torch.set_num_threads(max(1, int(config_dict.get("threads", 1))))
+    config = TrainConfig.from_dict(config_dict["config"])
+    runtime = RayRuntime(config.output, resume=config.resume, sync_batchnorm=config_dict.get("sync_batchnorm", False))
+    try:
+        result = engine.fit(config, runtime)
+    finally:
+        runtime.close()
+    return {**result, "resumed_from": runtime.restored_from, "world_size": runtime.world_size}
+
+
+# -- the driver side -------------------------------------------------------------------------------
+
+
+def connect(num_cpus: int | None = None) -> None:
+    """Join the cluster at RAY_ADDRESS, or start a local one (no dashboard, no usage stats)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address:
+        log.info("joining the Ray cluster at %s", address)
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+
+
+def _absolute(uri: str) -> str:
+    """Local paths made absolute: Ray workers run in their own working directories."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def _run_config(storage_path: str, run_name: str, max_failures: int, keep_checkpoints: int | None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    options: dict[str, Any] = {"storage_path": storage_path}
+    if is_s3(storage_path):
+        # pyarrow ignores AWS_ENDPOINT_URL: storage.pyarrow_filesystem_for passes the endpoint explicitly.
+        from ssd_core.storage import pyarrow_filesystem_for
+
+        filesystem, path = pyarrow_filesystem_for(storage_path)
+        options = {"storage_path": path, "storage_filesystem": filesystem}
+    return RunConfig(
+        name=run_name,
+        failure_config=FailureConfig(max_failures=max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+        **options,
+    )
+
+
+def fit_distributed(
+    config: TrainConfig,
+    *,
+    num_workers: int,
+    use_gpu: bool = False,
+    storage_path: str | None = None,
+    run_name: str | None = None,
+    max_failures: int = 2,
+    resources_per_worker: dict[str, float] | None = None,
+    sync_batchnorm: bool = False,
+    keep_checkpoints: int | None = 3,
+    train_loop: Callable[[dict[str, Any]], Any] | None = None,
+) -> dict[str, Any]:
+    """Train `config` on `num_workers` Ray workers (one GPU each with `use_gpu`, else CPUs and gloo).
+
+    `config.batch_size` is per worker; the learning rate default scales with the total batch.
+    Checkpoints go to `storage_path` (default RUN_DIR/ray; s3://bucket/prefix works, custom endpoints
+    from AWS_ENDPOINT_URL[_S3]) under `run_name` (default: RUN_DIR's name); running again with the same
+    name and storage path resumes from the latest one. `max_failures` worker failures are recovered
+    from automatically. `resources_per_worker` defaults to {"CPU": 1} on CPU (Ray's 1 CPU + 1 GPU with
+    `use_gpu`). `train_loop` replaces `train_loop_per_worker` (for instrumented runs).
+
+    Returns rank 0's final metrics from `engine.fit`, plus "resumed_from", "ray_run" (the run's
+    storage path) and "ray_checkpoint" (its latest checkpoint).
+    """
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if config.device == "cuda" and not use_gpu:
+        raise ValueError("device 'cuda' with Ray workers needs use_gpu=True (--gpu)")
+    if sync_batchnorm and not use_gpu:
+        raise ValueError("sync_batchnorm needs GPUs (torch's SyncBatchNorm does not run on CPU)")
+    config = replace(config, data=_absolute(config.data), output=_absolute(config.output))
+    config.resolved(num_workers)  # configuration errors here, not in every worker
+    storage_path = _absolute(storage_path or join_uri(config.output, RAY_STORAGE_SUBDIR))
+    run_name = run_name or os.path.basename(config.output.rstrip("/")) or "ssd"
+    if resources_per_worker is None and not use_gpu:
+        resources_per_worker = {"CPU": 1}
+    threads = int((resources_per_worker or {}).get("CPU", 1))
+
+    # A local cluster gets at least the CPUs the workers ask for (Ray would otherwise wait forever).
+    connect(num_cpus=max(os.cpu_count() or 1, num_workers * threads) if not use_gpu else None)
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop or train_loop_per_worker,
+        train_loop_config={"config": config.to_dict(), "sync_batchnorm": sync_batchnorm, "threads": threads},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources_per_worker),
+        run_config=_run_config(storage_path, run_name, max_failures, keep_checkpoints),
+    )
+    log.info("Ray training %s: %d worker(s), %s, storage %s, run %s", config.arch, num_workers,
+             "GPU/nccl" if use_gpu else "CPU/gloo", storage_path, run_name)
+    result = trainer.fit()  # Ray Train V2 raises TrainingFailedError once max_failures are used up
+    if result.error is not None:
+        raise result.error
+    _ensure_run_checkpoint(config.output, result.checkpoint)
+    return {
+        **(result.return_value or {}),
+        "ray_run": result.path,
+        "ray_checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
+        "run_name": run_name,
+        "num_workers": num_workers,
+    }
+
+
+def _ensure_run_checkpoint(output: str, checkpoint: Any) -> None:
+    """RUN_DIR/last.pt from the final Ray checkpoint when rank 0 ran on another node (whose disk held
+    its copy), so the driver can always load the run's model."""
+    target = join_uri(output, CHECKPOINT_FILE)
+    if checkpoint is None or exists(target):
+        return
+    with checkpoint.as_directory() as directory, open(os.path.join(directory, CHECKPOINT_FILE), "rb") as handle:
+        atomic_write_bytes(target, handle.read())
+
+
+# -- scaling figure --------------------------------------------------------------------------------
+
+
+def _steady_images_per_s(metrics_path: str) -> tuple[float | None, int]:
+    """Images/s over the train records of metrics.jsonl after the first (warm-up) step, and the
+    number of steps it covers. Each record is one step (log_every=1): images/s = total / sum of times."""
+    from ssd_core.visualize import read_metrics_jsonl
+
+    records = [r for r in read_metrics_jsonl(metrics_path) if r.get("kind") == "train"][1:]
+    if not records:
+        return None, 0
+    return len(records) / sum(1.0 / r["images_per_s"] for r in records), len(records)
+
+
+def bench_train_workers(
+    arch: str,
+    data: str,
+    worker_counts: Iterable[int] = (1, 2),
+    steps: int = 10,
+    batch_size: int = 4,
+    *,
+    size: Sequence[int] | None = None,
+    precision: str = "fp32",
+    use_gpu: bool = False,
+    output: str | None = None,
+) -> list[dict[str, Any]]:
+    """Training images/s of `arch` on `data` for each Ray worker count (same per-worker batch).
+
+    Each count is a fresh run of one epoch cut to `steps` steps (no augmentation, loader in-process);
+    images/s counts all workers' images and leaves the first step (DDP set-up) out. `size` overrides the
+    model's input size. Scaling needs one core (or GPU) per worker: on a machine with fewer, the figure
+    records the overhead of synchronising gradients rather than a speed-up.
+    """
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="ssd-bench-train-") as scratch:
+        base = output or scratch
+        for count in worker_counts:
+            run_dir = join_uri(_absolute(base), f"workers-{count}")
+            config = TrainConfig(
+                arch=arch, data=data, output=run_dir, epochs=1, batch_size=batch_size, precision=precision,
+                workers=0, augment="none", max_steps_per_epoch=steps + 1, warmup_iters=0, log_every=1,
+                loader_probe_batches=0, eval_max_images=1, progress=False,
+                model={"size": list(size)} if size else {},
+            )
+            started = time.perf_counter()
+            result = fit_distributed(config, num_workers=count, use_gpu=use_gpu, max_failures=0,
+                                     run_name=f"bench-workers-{count}-{int(time.time())}", keep_checkpoints=1)
+            wall = time.perf_counter() - started
+            rate, measured_steps = _steady_images_per_s(join_uri(run_dir, "metrics.jsonl"))
+            rows.append({
+                "arch": arch, "workers": count, "batch_size_per_worker": batch_size,
+                "total_batch": batch_size * count, "steps": measured_steps, "precision": result.get("precision"),
+                "images_per_s": rate, "images_per_s_per_worker": rate / count if rate else None,
+                "wall_s": wall,
+            })
+    first = rows[0]["images_per_s"] if rows else None
+    for row in rows:
+        row["speedup"] = row["images_per_s"] / first if first and row["images_per_s"] else None
+    return rows
