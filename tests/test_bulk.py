@@ -453,5 +453,5 @@ def test_killed_run_then_rerun_gives_exactly_once(tmp_path, checkpoint):
     ledger = dict(zip(uris, images["num_detections"].to_pylist()))
     assert all(counts.get(uri, 0) == n for uri, n in ledger.items())
     assert detections.num_rows == sum(ledger.values()) > 0
-    keys = duckdb.sql("SELECT count(*) FROM (SELECT DISTINCT image_uri, label, score, x1, y1, x2, y2 FROM detections)").fetchone()[0]
+    keys = duckdb.sql("SELECT count(*) FROM (SELECT DISTINCT image_uri, label, score, x1, y1, x2, y2 FROM detections)").fetchall()[0][0]
     assert keys == detections.num_rows  # no duplicated boxes
