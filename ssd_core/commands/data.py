@@ -12,16 +12,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     synth = actions.add_parser("synth", help="write the deterministic synthetic shapes dataset (COCO format)")
     synth.add_argument("out", help="output folder (gets annotations/, train/, val/)")
-    synth.add_argument("--num-train", type=int, default=1000, help="training images (default 1000)")
-    synth.add_argument("--num-val", type=int, default=200, help="validation images (default 200)")
-    synth.add_argument("--seed", type=int, default=0, help="same seed -> identical files (default 0)")
+    synth.add_argument(
+        "--num-train", type=int, metavar="N", default=1000, help="training images (default 1000)"
+    )
+    synth.add_argument(
+        "--num-val", type=int, metavar="M", default=200, help="validation images (default 200)"
+    )
+    synth.add_argument(
+        "--seed", type=int, metavar="S", default=0, help="same seed -> identical files (default 0)"
+    )
     synth.set_defaults(func=run_synth)
 
     stats = actions.add_parser("stats", help="load a COCO-format split and print counts per class and scale")
     stats.add_argument(
         "root", help="dataset folder or s3:// prefix (annotations/instances_SPLIT.json, SPLIT/)"
     )
-    stats.add_argument("--split", default="val", help="split name (default val)")
+    stats.add_argument("--split", default="val", metavar="SPLIT", help="split name (default val)")
     stats.set_defaults(func=run_stats)
 
 
