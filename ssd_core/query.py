@@ -106,7 +106,7 @@ def export_table(table, fmt: str, to: str | None = None, storage_options: Mappin
         pacsv.write_csv(table, sink)
         data = sink.getvalue().to_pybytes()
     elif fmt == "json":
-        data = (json.dumps(table.to_pylist(), default=str, indent=None) + "\n").encode()
+        data = (json.dumps(table.to_pylist(), default=_json_value) + "\n").encode()
     elif fmt == "parquet":
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
@@ -116,3 +116,14 @@ def export_table(table, fmt: str, to: str | None = None, storage_options: Mappin
     if to is not None:
         storage.atomic_write_bytes(to, data, storage_options)
     return data
+
+
+def _json_value(value: Any) -> Any:
+    """JSON for what DuckDB returns beyond JSON's types: DECIMAL (SUM of integers) -> number, times -> ISO."""
+    from decimal import Decimal
+
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
