@@ -112,6 +112,7 @@ class TrainConfig:
     loader_probe_batches: int = 5  # batches timed to log loader throughput once per run; 0: skip
     model: dict[str, Any] = field(default_factory=dict)  # SSDConfig overrides, e.g. {"size": [256, 256]}
     device: str = "auto"  # cpu | cuda | auto
+    threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
     resume: bool = False
     progress: bool = True
 
@@ -620,6 +621,8 @@ def fit(config: TrainConfig, runtime: Runtime | None = None) -> dict[str, Any]:
     epochs and after the last; returns the final metrics (12 COCO metrics, losses, counters, paths)."""
     runtime = runtime or Runtime(config.output, device=config.device, resume=config.resume)
     config = config.resolved(runtime.world_size)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     resume_from = runtime.restore_checkpoint()
     payload = read_checkpoint(resume_from) if resume_from else None
     if payload is not None:
