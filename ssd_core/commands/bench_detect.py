@@ -1,0 +1,157 @@
+"""`ssd bench detect`: end-to-end bulk detection (Ray Data -> Parquet) against (a) the model's own
+forward + post-processing alone at the same batch size and (b) a plain single-process loop (PIL decode,
+torchvision's model of the same arch, batch 1, one file written per image). Medians of alternating
+repetitions; goals: (a) efficiency >= 0.85, (b) speed-up >= 3x."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+EFFICIENCY_GOAL = 0.85
+SPEEDUP_GOAL = 3.0
+
+
+def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
+    """Add `detect` to the `ssd bench` sub-commands (called by ssd_core/commands/bench.py)."""
+    parser = bench_subparsers.add_parser(
+        "detect",
+        help="bulk detection images/s vs the model alone and vs a naive loop",
+        description=__doc__,
+    )
+    parser.add_argument("--arch", default="ssdlite320_mobilenet_v3_large")
+    parser.add_argument("--images", type=int, default=192, help="synthetic 640x480 JPEGs in the bucket")
+    parser.add_argument("--naive-images", type=int, default=48, help="images the naive loop processes per repetition")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating repetitions; medians are reported")
+    parser.add_argument("--score-threshold", type=float, default=0.3)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--work-dir", type=Path, help="where the bucket and outputs go (default: a temp dir)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.set_defaults(func=_run)
+
+
+def write_jpeg_bucket(folder: Path, count: int, *, height: int = 480, width: int = 640, seed: int = 0) -> list[Path]:
+    """`count` synthetic JPEGs (coloured rectangles on a gradient), deterministic."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    ramp = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+    paths = []
+    for index in range(count):
+        base = (ramp * rng.uniform(0.2, 1.0, 3)[None, None, :]).repeat(height, axis=0).astype(np.uint8)
+        image = Image.fromarray(base)
+        draw = ImageDraw.Draw(image)
+        for _ in range(4):
+            x, y = rng.integers(0, width - 80), rng.integers(0, height - 80)
+            w, h = rng.integers(30, 200, 2)
+            draw.rectangle([x, y, x + w, y + h], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        path = folder / f"img{index:05d}.jpg"
+        image.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def _pipeline_images_per_s(bucket: Path, output: Path, args: argparse.Namespace) -> float:
+    from ssd_core.bulk import detect_bucket
+
+    summary = detect_bucket(
+        str(bucket), str(output), arch=args.arch, batch_size=args.batch_size, score_threshold=args.score_threshold,
+        precision=args.precision, progress=False,
+    )
+    return (summary["ok"] + summary["error"]) / summary["seconds"]
+
+
+def _model_only_images_per_s(model, batches: list, sizes: list) -> float:
+    """Forward + post-processing on preprocessed batches (no decode, no resize, no writes)."""
+    import torch
+
+    started = time.perf_counter()
+    count = 0
+    with torch.inference_mode():
+        for batch, size in zip(batches, sizes):
+            model.detect(batch, size)
+            count += len(batch)
+    return count / (time.perf_counter() - started)
+
+
+def _naive_images_per_s(paths: list[Path], output: Path, tv_model) -> float:
+    """PIL decode, torchvision model, batch 1, one JSON file per image."""
+    import torch
+    from PIL import Image
+    from torchvision.transforms.functional import to_tensor
+
+    output.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for path in paths:
+            image = to_tensor(Image.open(path).convert("RGB"))
+            result = tv_model([image])[0]
+            record = {"image": str(path), **{key: value.tolist() for key, value in result.items()}}
+            (output / f"{path.stem}.json").write_text(json.dumps(record))
+    return len(paths) / (time.perf_counter() - started)
+
+
+def bench_detect(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    import torchvision
+
+    from ssd_core import build_model
+    from ssd_core.bulk import _init_ray, decode_image
+
+    with tempfile.TemporaryDirectory(prefix="ssd-bench-detect-") as tmp:
+        work = Path(args.work_dir or tmp)
+        paths = write_jpeg_bucket(work / "bucket", args.images)
+        _init_ray()  # cluster start-up is not part of any figure
+
+        torch.manual_seed(0)
+        model = build_model(args.arch, precision=args.precision, score_thresh=args.score_threshold).eval()
+        decoded = [torch.from_numpy(decode_image(p.read_bytes())).permute(2, 0, 1).float() / 255 for p in paths]
+        batches, sizes = [], []
+        for start in range(0, len(decoded), args.batch_size):
+            batch, size = model.preprocess(decoded[start : start + args.batch_size])
+            batches.append(batch), sizes.append(size)
+        tv_builder = getattr(torchvision.models.detection, args.arch)
+        tv_model = tv_builder(weights=None, weights_backbone=None, score_thresh=args.score_threshold).eval()
+
+        figures: dict[str, list[float]] = {"pipeline": [], "model_only": [], "naive": []}
+        for repeat in range(args.repeats):
+            figures["pipeline"].append(_pipeline_images_per_s(work / "bucket", work / f"out-{repeat}", args))
+            figures["model_only"].append(_model_only_images_per_s(model, batches, sizes))
+            figures["naive"].append(_naive_images_per_s(paths[: args.naive_images], work / f"naive-{repeat}", tv_model))
+    medians = {name: statistics.median(values) for name, values in figures.items()}
+    return {
+        "arch": args.arch, "images": args.images, "naive_images": args.naive_images, "batch_size": args.batch_size,
+        "precision": args.precision, "effective_precision": model.effective_precision("cpu"),
+        "score_threshold": args.score_threshold, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+        "images_per_s": {name: round(value, 3) for name, value in medians.items()},
+        "runs": {name: [round(v, 3) for v in values] for name, values in figures.items()},
+        "efficiency_vs_model": round(medians["pipeline"] / medians["model_only"], 3),
+        "speedup_vs_naive": round(medians["pipeline"] / medians["naive"], 3),
+    }
+
+
+def _run(args: argparse.Namespace) -> int:
+    result = bench_detect(args)
+    rate = result["images_per_s"]
+    print(f"# bulk detection, {args.arch}, batch {args.batch_size}, {args.images} 640x480 JPEGs, "
+          f"precision {result['effective_precision']}, medians of {args.repeats}")
+    print(f"{'what':<44} {'images/s':>10}")
+    print(f"{'ssd detect (Ray Data -> Parquet, end to end)':<44} {rate['pipeline']:>10.2f}")
+    print(f"{'(a) model forward + post-processing alone':<44} {rate['model_only']:>10.2f}")
+    print(f"{'(b) naive loop (PIL, torchvision, batch 1)':<44} {rate['naive']:>10.2f}")
+    efficiency, speedup = result["efficiency_vs_model"], result["speedup_vs_naive"]
+    print(f"efficiency vs (a): {efficiency:.2f} (goal >= {EFFICIENCY_GOAL}) "
+          f"{'OK' if efficiency >= EFFICIENCY_GOAL else 'BELOW GOAL'}")
+    print(f"speed-up vs (b):   {speedup:.2f}x (goal >= {SPEEDUP_GOAL}x) {'OK' if speedup >= SPEEDUP_GOAL else 'BELOW GOAL'}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
