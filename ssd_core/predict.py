@@ -12,7 +12,8 @@ JSON layout (boxes xyxy in original pixels, labels are the model's contiguous cl
 Output paths: an image input with an image-suffixed ``output`` writes that file and ``output`` with a
 ``.json`` suffix; a video input with a video-suffixed ``output`` likewise; anything else makes
 ``output`` a directory holding the annotated file(s) (folder inputs keep their relative layout) and
-``detections.json``.
+``detections.json``. Video frames of odd width or height are padded by one black pixel on the
+right / bottom (the yuv420p encoders need even sizes); boxes are unaffected.
 """
 
 from __future__ import annotations
@@ -300,7 +301,7 @@ def _open_encoder(path: Path, fps: Fraction, width: int, height: int):
     for name in _VIDEO_CODECS.get(path.suffix.lower(), _DEFAULT_VIDEO_CODECS):
         try:
             stream = container.add_stream(name, rate=fps)
-        except (ValueError, av.FFmpegError, av.codec.codec.UnknownCodecError):
+        except (ValueError, av.FFmpegError):  # UnknownCodecError is a ValueError
             continue
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if name in ("libx264", "h264"):
