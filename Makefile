@@ -37,3 +37,36 @@ lock: setup
 
 clean:
 	rm -rf $(VENV) $(STATE) .pytest_cache
+
+# ---- Prefect: the demo, the report, and a local server + process worker for the deployments
+PREFECT_PORT ?= 4200
+PREFECT_POOL ?= ssd-process
+
+# The whole pipeline through the Prefect flows in ephemeral mode (no server): synthetic data, Ray
+# training, COCO report, bulk detection, a DuckDB query. About 15 minutes on 2 CPU cores.
+demo: setup
+	$(BIN)/python -m flows.demo --dir $(DEMO_DIR)
+
+# The COCO report of the latest demo run (make demo first).
+eval: setup
+	@test -f $(DEMO_DIR)/run/last.pt -a -f $(DEMO_DIR)/data/annotations/instances_val.json || \
+	  { echo "no demo run yet ($(DEMO_DIR)/run/last.pt): run 'make demo' first" >&2; exit 1; }
+	$(BIN)/ssd eval --weights $(DEMO_DIR)/run/last.pt --data $(DEMO_DIR)/data --output $(DEMO_DIR)/report
+
+# A Prefect server on 127.0.0.1 (SQLite under PREFECT_HOME); UI at http://127.0.0.1:$(PREFECT_PORT).
+server: setup
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+# A process worker for the pool the deployments use (creates the pool on first start).
+worker: export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+worker: setup
+	$(BIN)/prefect worker start --pool $(PREFECT_POOL) --type process
+
+# Registers every deployment in prefect.yaml with the server: `prefect --no-prompt deploy` one deployment
+# at a time (flows/deploy.py says why not --all with this lock), verified through the API.
+deploy: export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+deploy: setup
+	$(BIN)/prefect work-pool inspect $(PREFECT_POOL) >/dev/null 2>&1 || \
+	  $(BIN)/prefect work-pool create $(PREFECT_POOL) --type process
+	$(BIN)/python -m flows.deploy
+

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 DEFAULT_DIR = ".state/demo"
+LEDGER_QUERY = ("SELECT status, count(*) AS images, sum(num_detections) AS boxes FROM images "
+                "WHERE run_id = '{run_id}' GROUP BY status")
 QUERY = ("SELECT label_name, count(*) AS boxes, round(avg(score), 3) AS mean_score "
          "FROM detections WHERE run_id = '{run_id}' GROUP BY label_name ORDER BY boxes DESC")
 
@@ -30,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--minutes", type=float, default=6.0, help="training time budget")
     parser.add_argument("--workers", type=int, default=1, help="Ray training workers")
+    parser.add_argument("--score-threshold", type=float, default=0.1,
+                        help="detect-bucket keeps boxes above this score (a few minutes of training gives "
+                        "modest scores)")
     return parser.parse_args(argv)
 
 
@@ -98,20 +103,23 @@ def main(argv: list[str] | None = None) -> int:
 
     print("[3/5] evaluate-ssd: COCO report on the validation split")
     started = time.perf_counter()
-    metrics = evaluate_ssd(weights=checkpoint, data=str(data), output=str(report))
+    metrics = evaluate_ssd(weights=checkpoint, data=str(data), output=str(report), workers=0)
     timings["evaluate"] = time.perf_counter() - started
 
     print(f"[4/5] detect-bucket: {bucket} (a folder standing in for s3://...) -> {detections}")
     started = time.perf_counter()
     _fill_bucket(data / "val", bucket)
-    summary = detect_bucket_flow(input=str(bucket), output=str(detections), weights=checkpoint)
+    summary = detect_bucket_flow(input=str(bucket), output=str(detections), weights=checkpoint,
+                                 score_threshold=args.score_threshold)
     timings["detect"] = time.perf_counter() - started
 
     from ssd_core.query import query
 
-    sql = QUERY.format(run_id=summary["run_id"])
-    print(f"[5/5] DuckDB over the Parquet: {sql}")
-    _print_table(query(str(detections), sql))
+    print("[5/5] DuckDB over the Parquet")
+    for template in (LEDGER_QUERY, QUERY):
+        sql = template.format(run_id=summary["run_id"])
+        print(f"  {sql}")
+        _print_table(query(str(detections), sql))
 
     import ray
 
