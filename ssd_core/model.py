@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from ssd_core.anchors import DefaultBoxes
 from ssd_core.boxes import scale_boxes
@@ -161,6 +162,26 @@ class SSD(nn.Module):
     def effective_precision(self, device: torch.device | str) -> str:
         return resolve_precision(self.precision, device)
 
+    def _low_precision_params(self, precision: str) -> dict[str, dict[str, Tensor]]:
+        """Floating parameters and buffers of backbone and head cast to `precision`, cached until any
+        of them changes (an optimizer step, load_state_dict, .to())."""
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        tensors = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        key = (dtype, tuple((t.data_ptr(), t._version) for t in tensors.values()))
+        cache = getattr(self, "_cast_cache", None)
+        if cache is None or cache[0] != key:
+            parts: dict[str, dict[str, Tensor]] = {"backbone": {}, "head": {}}
+            for name, tensor in tensors.items():
+                part, _, rest = name.partition(".")
+                if part in parts:
+                    cast = tensor.detach().to(dtype) if tensor.is_floating_point() else tensor
+                    if cast.dim() == 4:
+                        cast = cast.contiguous(memory_format=torch.channels_last)
+                    parts[part][rest] = cast
+            cache = (key, parts)
+            object.__setattr__(self, "_cast_cache", cache)  # not a submodule/buffer: never saved
+        return cache[1]
+
     # -- stages --------------------------------------------------------------------------------
     def preprocess(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Validated, normalised and resized batch [B, 3, H, W] plus original sizes [B, 2]."""
@@ -178,8 +199,14 @@ class SSD(nn.Module):
         if precision != "fp32":
             batch = batch.contiguous(memory_format=torch.channels_last)
         with autocast(precision, batch.device):
-            features = self.backbone(batch)
-            head_outputs = self.head(features)
+            if precision != "fp32" and not self.training and not torch.jit.is_tracing():
+                # Inference: reuse weights cast once, rather than autocast casting all of them per call.
+                params = self._low_precision_params(precision)
+                features = functional_call(self.backbone, params["backbone"], (batch,))
+                head_outputs = functional_call(self.head, params["head"], (features,))
+            else:
+                features = self.backbone(batch)
+                head_outputs = self.head(features)
         head_outputs = {k: v.float() for k, v in head_outputs.items()}
         return head_outputs, self.anchors(features)
 
