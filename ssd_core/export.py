@@ -35,13 +35,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import nms
 
-from ssd_core.boxes import clip_to_size, decode
 from ssd_core.model import SSD
-from ssd_core.postprocess import PostProcessConfig
+from ssd_core.postprocess import PostProcessConfig, class_candidates, pool_candidates
 
 log = logging.getLogger(__name__)
 
@@ -96,21 +94,12 @@ def padded_postprocess(
     cls_logits [B, A, C], bbox_regression [B, A, 4], anchors [A, 4] -> boxes [B, D, 4] (input
     pixels), scores [B, D], labels int64 [B, D], num_detections int64 [B]; D = min(detections_per_img, pool).
     """
-    scores = F.softmax(cls_logits, dim=-1)[..., 1:]  # [B, A, C-1], background dropped
-    num_anchors, num_fg = scores.shape[1], scores.shape[2]
-    num_classes = num_fg + 1
-    k = min(config.topk_candidates, num_anchors)
-    top_scores, top_anchor = scores.transpose(1, 2).topk(k, dim=2)  # [B, C-1, k]
-    top_scores = top_scores.flatten(1)  # [B, (C-1)*k]
-    top_anchor = top_anchor.flatten(1)
-    top_scores = top_scores.masked_fill(top_scores <= config.score_thresh, -1.0)
-
-    pool = min(config.pool_size, num_fg * k)
-    pool_scores, pool_pos = top_scores.topk(pool, dim=1)  # [B, P]
-    pool_anchor = torch.gather(top_anchor, 1, pool_pos)  # [B, P]
-    pool_label = torch.div(pool_pos, k, rounding_mode="floor") + 1  # [B, P] class (1-based)
-    rel = torch.gather(bbox_regression, 1, pool_anchor.unsqueeze(-1).expand(-1, -1, 4))  # [B, P, 4]
-    boxes = clip_to_size(decode(rel, anchors[pool_anchor], box_weights), image_size)  # [B, P, 4]
+    top_scores, top_anchor, k = class_candidates(cls_logits, config)
+    num_classes = cls_logits.shape[-1]
+    pool = min(config.pool_size, top_scores.shape[1])
+    pool_scores, pool_label, boxes = pool_candidates(
+        top_scores, top_anchor, k, pool, bbox_regression, anchors, image_size, box_weights
+    )
 
     # One NMS for the whole batch: each (image, class) group in its own coordinate range.
     image_index = torch.arange(pool_scores.shape[0], device=pool_scores.device).unsqueeze(1)  # [B, 1]

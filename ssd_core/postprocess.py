@@ -48,15 +48,8 @@ def postprocess(
     {"boxes": FloatTensor[N, 4] xyxy in original pixels, "labels": Int64[N], "scores": FloatTensor[N]},
     sorted by score.
     """
-    scores = F.softmax(cls_logits.float(), dim=-1)[..., 1:]  # [B, A, C-1], background dropped
-    batch, num_anchors, num_fg = scores.shape
-    k = min(config.topk_candidates, num_anchors)
-    top_scores, top_anchor = scores.transpose(1, 2).topk(k, dim=2)  # [B, C-1, k]
-    top_scores = top_scores.reshape(batch, -1)  # [B, (C-1)*k]
-    top_anchor = top_anchor.reshape(batch, -1)
-    valid = top_scores > config.score_thresh
-    num_valid = valid.sum(dim=1)  # [B]
-    top_scores = top_scores.masked_fill(~valid, -1.0)
+    top_scores, top_anchor, k = class_candidates(cls_logits, config)
+    num_valid = (top_scores > config.score_thresh).sum(dim=1)  # [B]
 
     total = top_scores.shape[1]
     pool = min(config.pool_size, total)
@@ -82,15 +75,43 @@ def postprocess(
     ]
 
 
+def class_candidates(cls_logits: Tensor, config: PostProcessConfig) -> tuple[Tensor, Tensor, int]:
+    """Step 1: per (image, class) the `topk_candidates` best default boxes.
+
+    cls_logits [B, A, C] -> scores [B, (C-1)*k] (-1 where not above `score_thresh`), their default
+    box indices [B, (C-1)*k], and k. Column c*k + j holds class c+1's j-th best box.
+    """
+    scores = F.softmax(cls_logits.float(), dim=-1)[..., 1:]  # [B, A, C-1], background dropped
+    k = min(config.topk_candidates, scores.shape[1])
+    top_scores, top_anchor = scores.transpose(1, 2).topk(k, dim=2)  # [B, C-1, k]
+    top_scores = top_scores.flatten(1)
+    top_scores = top_scores.masked_fill(top_scores <= config.score_thresh, -1.0)
+    return top_scores, top_anchor.flatten(1), k
+
+
+def pool_candidates(
+    top_scores: Tensor, top_anchor: Tensor, k: int, pool: int, bbox_regression: Tensor, anchors: Tensor,
+    image_size: tuple[int, int], box_weights: tuple[float, float, float, float],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Step 2: per image the `pool` best candidates across classes, decoded and clipped.
+
+    Returns scores [B, P], labels [B, P] (1-based) and boxes [B, P, 4] in input pixels.
+    """
+    pool_scores, pool_pos = top_scores.topk(pool, dim=1)  # [B, P]
+    pool_anchor = torch.gather(top_anchor, 1, pool_pos)  # [B, P]
+    pool_label = torch.div(pool_pos, k, rounding_mode="floor") + 1  # [B, P]
+    rel = torch.gather(bbox_regression.float(), 1, pool_anchor.unsqueeze(-1).expand(-1, -1, 4))  # [B, P, 4]
+    boxes = clip_to_size(decode(rel, anchors[pool_anchor], box_weights), image_size)  # [B, P, 4]
+    return pool_scores, pool_label, boxes
+
+
 def _select(top_scores, top_anchor, k, pool, bbox_regression, anchors, image_size, config, box_weights):
     """One pass of steps 2-4 with a pool of `pool` candidates per image."""
     batch = top_scores.shape[0]
     device = top_scores.device
-    pool_scores, pool_pos = top_scores.topk(pool, dim=1)  # [B, P]
-    pool_anchor = torch.gather(top_anchor, 1, pool_pos)  # [B, P]
-    pool_label = pool_pos // k + 1  # [B, P] class of each candidate (1-based)
-    rel = torch.gather(bbox_regression.float(), 1, pool_anchor[..., None].expand(-1, -1, 4))  # [B, P, 4]
-    boxes = clip_to_size(decode(rel, anchors[pool_anchor], box_weights), image_size)  # [B, P, 4]
+    pool_scores, pool_label, boxes = pool_candidates(
+        top_scores, top_anchor, k, pool, bbox_regression, anchors, image_size, box_weights
+    )
 
     valid = pool_scores > config.score_thresh  # [B, P]
     image_index = torch.arange(batch, device=device)[:, None].expand_as(pool_label)[valid]  # [n]
