@@ -292,8 +292,9 @@ def bench_train_workers(
 ) -> list[dict[str, Any]]:
     """Training images/s of `arch` on `data` for each Ray worker count (same per-worker batch).
 
-    Each count is a fresh run of one epoch cut to `steps` steps (no augmentation, loader in-process);
-    images/s counts all workers' images and leaves the first step (DDP set-up) out. `size` overrides the
+    Each count is a fresh run of `steps` + 1 steps (over as many epochs as the dataset needs; no
+    augmentation, loader in-process, evaluation only of one image at the end); images/s counts all
+    workers' images over the optimizer steps alone and leaves the first step (DDP set-up) out. `size` overrides the
     model's input size. Scaling needs one core (or GPU) per worker: on a machine with fewer, the figure
     records the overhead of synchronising gradients rather than a speed-up.
     """
@@ -303,9 +304,9 @@ def bench_train_workers(
         for count in worker_counts:
             run_dir = join_uri(_absolute(base), f"workers-{count}")
             config = TrainConfig(
-                arch=arch, data=data, output=run_dir, epochs=1, batch_size=batch_size, precision=precision,
-                workers=0, augment="none", max_steps_per_epoch=steps + 1, warmup_iters=0, log_every=1,
-                loader_probe_batches=0, eval_max_images=1, progress=False,
+                arch=arch, data=data, output=run_dir, epochs=steps + 1, max_steps=steps + 1, eval_every=0,
+                batch_size=batch_size, precision=precision, workers=0, augment="none", warmup_iters=0,
+                log_every=1, loader_probe_batches=0, eval_max_images=1, progress=False,
                 model={"size": list(size)} if size else {},
             )
             started = time.perf_counter()
