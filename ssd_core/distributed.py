@@ -218,6 +218,10 @@ def fit_distributed(
         raise ValueError("device 'cuda' with Ray workers needs use_gpu=True (--gpu)")
     if sync_batchnorm and not use_gpu:
         raise ValueError("sync_batchnorm needs GPUs (torch's SyncBatchNorm does not run on CPU)")
+    if config.time_budget_s is not None and num_workers > 1:
+        # Each rank times itself, so ranks could stop on different steps and block each other in the
+        # next all-reduce; until the engine agrees on the stop across ranks, refuse rather than hang.
+        raise ValueError("time_budget_s is not supported with more than one Ray worker; use max_steps or epochs")
     config = replace(config, data=_absolute(config.data), output=_absolute(config.output))
     config.resolved(num_workers)  # configuration errors here, not in every worker
     storage_path = _absolute(storage_path or join_uri(config.output, RAY_STORAGE_SUBDIR))
