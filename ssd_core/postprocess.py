@@ -8,13 +8,15 @@ way), but with no Python loop over images or classes:
    highest-scoring boxes of a class equals the full NMS result restricted to them, so if at least
    `detections_per_img` survive NMS within the pool, the final top detections are exactly those of
    the full set. Otherwise (rare: heavy suppression) the pool grows and the step is repeated;
-3. one NMS call for the batch, with each (image, class) group offset into its own coordinate range
-   (torchvision's coordinate trick) so that groups never suppress each other;
+3. NMS with each (image, class) group offset into its own coordinate range (torchvision's
+   coordinate trick) so that groups never suppress each other: one call for the batch on GPU, one
+   call per image on CPU, where the kernel's cost grows with (kept x candidates);
 4. per image keep the `detections_per_img` best.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -120,7 +122,18 @@ def _select(top_scores, top_anchor, k, pool, bbox_regression, anchors, image_siz
     # Each (image, class) group gets its own coordinate range, larger than any box.
     group = image_index * num_classes + flat_labels
     offset = float(max(image_size) + 1)
-    keep = nms(flat_boxes + (group * offset)[:, None].to(flat_boxes), flat_scores, config.nms_thresh)
+    shifted = flat_boxes + (group * offset)[:, None].to(flat_boxes)
+    if shifted.device.type == "cpu" and batch > 1 and not torch.jit.is_tracing():
+        # The CPU kernel compares every kept box with every later candidate, so one call over the
+        # batch costs O(batch^2); one call per image (candidates are image-major) stays linear.
+        counts = valid.sum(dim=1).tolist()
+        starts = [0, *itertools.accumulate(counts)][:-1]
+        keep = torch.cat([
+            nms(part, part_scores, config.nms_thresh) + start
+            for part, part_scores, start in zip(shifted.split(counts), flat_scores.split(counts), starts)
+        ])
+    else:
+        keep = nms(shifted, flat_scores, config.nms_thresh)
 
     # keep is sorted by score; regroup per image (stable) and cap each image's count.
     kept_image = image_index[keep]
