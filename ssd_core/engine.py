@@ -501,7 +501,11 @@ def training_step(
     scaler.scale(loss).backward()
     if config.grad_clip is not None:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        if not torch.isfinite(grad_norm) and not scaler.is_enabled():
+            # fp16's scaler skips such steps itself; for fp32/bf16 we do the same rather than write NaNs.
+            log.warning("skipping a step with a non-finite gradient norm (%s)", grad_norm.item())
+            optimizer.zero_grad(set_to_none=True)
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
@@ -643,6 +647,11 @@ def fit(config: TrainConfig, runtime: Runtime | None = None) -> dict[str, Any]:
     train_set, val_set = build_datasets(config, size)
     model = build_model_for(config, train_set.class_names, payload)
     precision = model.effective_precision(runtime.device)
+    if precision == "bf16" and runtime.device.type == "cpu":
+        # Workaround: with channels_last weights, oneDNN's bf16 backward of a depthwise conv on a 1-2 px
+        # feature map (SSDLite's last extra blocks) now and then returns garbage weight gradients (1e32,
+        # inf; differs from run to run). Contiguous weights do not; the input stays channels_last.
+        model.to(memory_format=torch.contiguous_format)
     model = runtime.prepare_model(model)
     loader = runtime.prepare_loader(make_train_loader(
         train_set, config.batch_size, workers=config.workers, seed=config.seed, rank=runtime.rank,
