@@ -10,12 +10,13 @@ background.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ssd_core.anchors import DefaultBoxes
 from ssd_core.boxes import scale_boxes
@@ -101,6 +102,25 @@ def preprocess_images(
     return batch, original
 
 
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm2d into the Conv2d right before it (in a Sequential, or a
+    ResNet bottleneck's convN/bnN pairs), in place: one pass over the activations less."""
+    for parent in module.modules():
+        if isinstance(parent, nn.Sequential):
+            names = list(parent._modules)
+            for first, second in zip(names[:-1], names[1:]):
+                conv, bn = parent._modules[first], parent._modules[second]
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    parent._modules[first] = fuse_conv_bn_eval(conv, bn)
+                    parent._modules[second] = nn.Identity()
+        for index in (1, 2, 3):
+            conv, bn = getattr(parent, f"conv{index}", None), getattr(parent, f"bn{index}", None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(parent, f"conv{index}", fuse_conv_bn_eval(conv, bn))
+                setattr(parent, f"bn{index}", nn.Identity())
+    return module
+
+
 class SSD(nn.Module):
     """Single Shot MultiBox Detector assembled from its parts.
 
@@ -162,24 +182,21 @@ class SSD(nn.Module):
     def effective_precision(self, device: torch.device | str) -> str:
         return resolve_precision(self.precision, device)
 
-    def _low_precision_params(self, precision: str) -> dict[str, dict[str, Tensor]]:
-        """Floating parameters and buffers of backbone and head cast to `precision`, cached until any
-        of them changes (an optimizer step, load_state_dict, .to())."""
+    def _inference_modules(self, precision: str) -> tuple[nn.Module, nn.Module]:
+        """Backbone and head for low-precision inference: BatchNorm folded into the convolutions
+        before it, weights cast once to bf16/fp16 in channels_last. Cached until any parameter or
+        buffer of the model changes (an optimizer step, load_state_dict, .to())."""
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        tensors = {**dict(self.named_parameters()), **dict(self.named_buffers())}
-        key = (dtype, tuple((t.data_ptr(), t._version) for t in tensors.values()))
-        cache = getattr(self, "_cast_cache", None)
+        tensors = [*self.parameters(), *self.buffers()]
+        key = (dtype, tuple((t.data_ptr(), t._version) for t in tensors))
+        cache = getattr(self, "_inference_cache", None)
         if cache is None or cache[0] != key:
-            parts: dict[str, dict[str, Tensor]] = {"backbone": {}, "head": {}}
-            for name, tensor in tensors.items():
-                part, _, rest = name.partition(".")
-                if part in parts:
-                    cast = tensor.detach().to(dtype) if tensor.is_floating_point() else tensor
-                    if cast.dim() == 4:
-                        cast = cast.contiguous(memory_format=torch.channels_last)
-                    parts[part][rest] = cast
-            cache = (key, parts)
-            object.__setattr__(self, "_cast_cache", cache)  # not a submodule/buffer: never saved
+            modules = []
+            for module in (self.backbone, self.head):
+                module = fold_batchnorm(copy.deepcopy(module).eval())
+                modules.append(module.to(dtype=dtype, memory_format=torch.channels_last).requires_grad_(False))
+            cache = (key, tuple(modules))
+            object.__setattr__(self, "_inference_cache", cache)  # not a submodule: never saved or trained
         return cache[1]
 
     # -- stages --------------------------------------------------------------------------------
@@ -200,10 +217,10 @@ class SSD(nn.Module):
             batch = batch.contiguous(memory_format=torch.channels_last)
         with autocast(precision, batch.device):
             if precision != "fp32" and not self.training and not torch.jit.is_tracing():
-                # Inference: reuse weights cast once, rather than autocast casting all of them per call.
-                params = self._low_precision_params(precision)
-                features = functional_call(self.backbone, params["backbone"], (batch,))
-                head_outputs = functional_call(self.head, params["head"], (features,))
+                # Inference: folded, pre-cast weights rather than autocast recasting all of them per call.
+                backbone, head = self._inference_modules(precision)
+                features = backbone(batch)
+                head_outputs = head(features)
             else:
                 features = self.backbone(batch)
                 head_outputs = self.head(features)
