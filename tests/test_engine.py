@@ -28,14 +28,6 @@ from ssd_core.zoo import build_model, load_model
 ARCH = "ssdlite320_mobilenet_v3_large"
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    """Keep tests off each other's cores on a shared box, and restore the default afterwards."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     return write_synthetic_dataset(tmp_path_factory.mktemp("tiny") / "data", 24, 8, seed=3, progress=False)

@@ -13,13 +13,6 @@ from ssd_core.data import write_synthetic_dataset
 from ssd_core.learn import LEARN_RECIPE, compare_precisions, learn, register_bench
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     return write_synthetic_dataset(tmp_path_factory.mktemp("learn") / "data", 16, 6, seed=11, progress=False)
