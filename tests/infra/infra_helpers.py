@@ -71,11 +71,18 @@ def env_names_read_by_source(source: str) -> set[str]:
     return {name for name in names if _ENV_NAME.match(name)}
 
 
+# Entry points that never run in a deployment: `make demo` sets its own laptop defaults (PREFECT_HOME under
+# .state, a long ephemeral-server timeout) with os.environ.setdefault, which a container does not need.
+LOCAL_ONLY_MODULES = {"flows/demo.py"}
+
+
 def code_config_env_names() -> set[str]:
-    """Configuration variables (see CONFIG_PREFIXES) read anywhere under ssd_core/ and flows/, scanned now."""
+    """Configuration variables (see CONFIG_PREFIXES) read under ssd_core/ and flows/ (but LOCAL_ONLY_MODULES)."""
     names: set[str] = set()
     for package in ("ssd_core", "flows"):
         for path in sorted((REPO / package).rglob("*.py")):
+            if path.relative_to(REPO).as_posix() in LOCAL_ONLY_MODULES:
+                continue
             names |= env_names_read_by_source(path.read_text(encoding="utf-8"))
     return {name for name in names if name.startswith(CONFIG_PREFIXES)}
 
@@ -90,12 +97,12 @@ def infra_files(*suffixes: str) -> list[Path]:
 
 
 def lock_versions() -> dict[str, str]:
-    """name (lower-case) -> version from constraints.txt."""
+    """Normalised name (PEP 503: lower-case, runs of -_. as one -) -> version from constraints.txt."""
     versions = {}
     for line in (REPO / "constraints.txt").read_text().splitlines():
         if "==" in line and not line.startswith("#"):
             name, version = line.split("==", 1)
-            versions[name.strip().lower()] = version.strip()
+            versions[re.sub(r"[-_.]+", "-", name.strip()).lower()] = version.strip()
     return versions
 
 
