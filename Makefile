@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(abspath $(STATE))/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup test test-fast lint demo eval server worker deploy lock clean bench
+.PHONY: setup test test-fast lint demo eval server worker deploy lock clean
 
 setup: $(STAMP)
 
@@ -23,9 +23,11 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 test: setup
+	@mkdir -p "$(PREFECT_HOME)"
 	$(BIN)/python -m pytest -q --timeout=900 tests
 
 test-fast: setup
+	@mkdir -p "$(PREFECT_HOME)"
 	$(BIN)/python -m pytest -q --timeout=600 -m "not slow" tests
 
 lint: setup

@@ -439,7 +439,8 @@ def test_killed_run_then_rerun_gives_exactly_once(tmp_path, checkpoint):
     rerun = subprocess.run(command + ["--run-id", "rerun"], cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    # The summary is the last JSON line; Ray may forward a worker's own output to stdout after it.
+    summary = json.loads([line for line in rerun.stdout.splitlines() if line.startswith('{"run_id"')][-1])
     assert summary["images_skipped"] >= committed * 2 - 2 and summary["images_new"] + summary["images_skipped"] == 36
     assert not orphan.exists()
 

@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--score-threshold", type=float, default=0.3)
     parser.add_argument("--run-id", help="partition name for this run (default: UTC timestamp + random suffix)")
-    parser.add_argument("--num-actors", type=int, help="inference actors (default: one per GPU, else 1)")
+    parser.add_argument("--num-actors", type=int, help="inference actors (default: one per GPU; on CPU-only nodes one "
+                        "single-threaded actor per CPU, each also reading and decoding)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--rows-per-file", type=int, default=1024, help="images per output block file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,0 +1,73 @@
+"""`ssd bench`: the side-by-side benchmarks run end to end at tiny sizes and report consistent figures.
+
+No timing is asserted (this machine is shared); what is checked is that each variant really ran on the same
+inputs, that ratios are the ratios of the reported medians, and that the bulk benchmark's pipeline wrote
+every image of its bucket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+from s3_server import moto_s3, ray_local  # noqa: F401
+
+from ssd_core.bench import alternate, bench_infer, bench_train
+from ssd_core.cli import main as cli_main
+
+ARCH = "ssdlite320_mobilenet_v3_large"
+
+
+def test_alternate_interleaves_the_variants():
+    calls: list[str] = []
+    times = alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    assert {name: len(samples) for name, samples in times.items()} == {"a": 3, "b": 3}
+
+
+def test_bench_infer_reports_every_variant_and_consistent_ratios():
+    result = bench_infer(ARCH, batch_size=1, repeats=1, height=96, width=128)
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) >= {"torchvision_fp32", "torchvision_bf16_autocast", "ssd_core_fp32"}
+    (auto,) = [name for name in rows if name.startswith("ssd_core_auto(")]
+    assert result["ratio_auto_vs_torchvision_fp32"] == pytest.approx(
+        rows["torchvision_fp32"]["median_s"] / rows[auto]["median_s"])
+    assert all(row["images_per_s"] == pytest.approx(1 / row["median_s"]) for row in rows.values())
+    post = {row["variant"]: row for row in result["postprocess"]["rows"]}
+    assert result["postprocess"]["ratio"] == pytest.approx(post["torchvision"]["median_s"] / post["ssd_core"]["median_s"])
+
+
+def test_bench_train_steps_every_variant():
+    result = bench_train(ARCH, batch_size=2, repeats=1, height=96, width=128)  # BatchNorm needs 2 samples
+    assert {row["variant"] for row in result["rows"]} >= {"torchvision_fp32", "ssd_core_fp32"}
+    assert result["ratio_auto_vs_torchvision_fp32"] > 0
+
+
+@pytest.mark.slow
+def test_bench_detect_cli_runs_the_pipeline_model_and_naive_loop(tmp_path, ray_local):  # noqa: F811
+    from ssd_core.bulk import read_ledger
+
+    out = tmp_path / "figures.json"
+    code = cli_main(["bench", "detect", "--images", "16", "--model-images", "8", "--naive-images", "2",
+                     "--batch-size", "4", "--repeats", "1", "--work-dir", str(tmp_path / "work"),
+                     "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    rates = result["images_per_s"]
+    assert all(rates[name] > 0 for name in ("pipeline", "steady", "model_only", "naive"))
+    assert result["efficiency_vs_model"] == pytest.approx(rates["pipeline"] / rates["model_only"], rel=1e-2)
+    assert result["speedup_vs_naive"] == pytest.approx(rates["pipeline"] / rates["naive"], rel=1e-2)
+    ledger = read_ledger(str(tmp_path / "work" / "out-0"))
+    assert ledger.num_rows == 16 and set(ledger["status"].to_pylist()) == {"ok"}
+    assert len(list((tmp_path / "work" / "naive-0").glob("*.json"))) == 2
+
+
+def test_bench_detect_parser_defaults():
+    from ssd_core.commands.bench_detect import register_bench
+
+    parser = argparse.ArgumentParser()
+    register_bench(parser.add_subparsers(dest="bench"))
+    args = parser.parse_args(["detect"])
+    assert (args.arch, args.batch_size, args.precision) == (ARCH, 16, "auto")
+    assert args.images >= 4 * args.batch_size  # the quarter-bucket run needs whole batches
