@@ -150,7 +150,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def connect(num_cpus: int | None = None) -> None:
-    """Join the cluster at RAY_ADDRESS, or start a local one (no dashboard, no usage stats)."""
+    """Join the cluster at RAY_ADDRESS, or start a local one (dashboard on 127.0.0.1 only, no usage stats)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
@@ -161,7 +161,9 @@ def connect(num_cpus: int | None = None) -> None:
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        # The dashboard serves the State API, which Ray Train V2's placement-group cleaner polls every
+        # second; without it every poll logs "Failed to query Ray Train Controller actor state".
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def _absolute(uri: str) -> str:

@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -425,7 +426,9 @@ def train_one_epoch(
     epoch_sampler(loader).set_epoch(epoch, state.batch_in_epoch * config.batch_size)
     remaining = num_steps - state.batch_in_epoch
     bar = tqdm(total=num_steps, initial=state.batch_in_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
-               unit="batch", disable=not (config.progress and runtime.is_main), dynamic_ncols=True)
+               unit="batch", disable=not (config.progress and runtime.is_main), dynamic_ncols=True,
+               # Not a terminal (a Ray worker forwarding its output, CI logs): every update is a new line.
+               mininterval=0.1 if sys.stderr.isatty() else 30.0)
     totals = {"loss": 0.0, "bbox_regression": 0.0, "classification": 0.0}
     window = dict.fromkeys(totals, 0.0)
     window_steps, window_images, window_start = 0, 0, time.perf_counter()
