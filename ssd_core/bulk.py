@@ -391,7 +391,7 @@ def _read_and_preprocess(listing, *, config: DetectConfig) -> dict[str, np.ndarr
     """
     import torch
 
-    from ssd_core.model import resize_normalize
+    from ssd_core.model import group_by_shape, resize_normalize
 
     spec: PreprocessSpec = config.preprocess_spec
     rows = listing.to_pydict()
@@ -427,16 +427,14 @@ def _read_and_preprocess(listing, *, config: DetectConfig) -> dict[str, np.ndarr
         decoded.append(pixels)
 
     batch = np.zeros((len(keep), 3, *spec.size), dtype=np.float32)
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, pixels in enumerate(decoded):
-        if pixels is not None:
-            by_shape.setdefault(pixels.shape, []).append(i)
-    # The model's own resize + normalisation, on 0..255 values (x / 255 folded into mean and std) straight
-    # from the uint8 [n, H, W, 3] stack: a channels_last view, no full-resolution copy but the float one.
+    ok_index = [i for i, pixels in enumerate(decoded) if pixels is not None]
+    # The model's own grouping, resize and normalisation, on 0..255 values (x / 255 folded into mean and
+    # std): [3, H, W] views of the uint8 arrays stack into channels_last, so the float copy is the only one.
     mean, std = 255.0 * torch.tensor(spec.mean), 255.0 * torch.tensor(spec.std)
-    for shape_index in by_shape.values():
-        stacked = torch.from_numpy(np.stack([decoded[i] for i in shape_index])).permute(0, 3, 1, 2).float()
-        batch[shape_index] = resize_normalize(stacked, spec.size, mean, std, normalize_first=False).numpy()
+    views = [torch.from_numpy(decoded[i]).permute(2, 0, 1) for i in ok_index]
+    for group, stacked in group_by_shape(views):
+        batch_rows = [ok_index[g] for g in group]
+        batch[batch_rows] = resize_normalize(stacked.float(), spec.size, mean, std, normalize_first=False).numpy()
     take = np.asarray(keep, dtype=np.int64)
     return {
         "image_uri": np.asarray(uris, dtype=object)[take],

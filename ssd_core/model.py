@@ -70,7 +70,7 @@ def validate_targets(targets: Sequence[dict[str, Tensor]], num_classes: int, num
             raise ValueError(f"image {index}: label {int(labels[j])} of box {j} is outside 1..{num_classes - 1}")
 
 
-def _group_by_shape(images: Sequence[Tensor]) -> list[tuple[list[int], Tensor]]:
+def group_by_shape(images: Sequence[Tensor]) -> list[tuple[list[int], Tensor]]:
     """Images stacked per distinct shape: [(indices, FloatTensor[n, 3, H, W] in channels_last)]."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, image in enumerate(images):
@@ -113,7 +113,7 @@ def preprocess_images(
     """
     batch = torch.empty((len(images), 3, *size), dtype=images[0].dtype, device=images[0].device)
     original = torch.tensor([img.shape[-2:] for img in images], dtype=torch.int64)
-    for idx, stacked in _group_by_shape(images):
+    for idx, stacked in group_by_shape(images):
         # A NaN or Inf makes the image's sum non-finite; summing is ~40x cheaper than isfinite() over
         # every pixel. Only images whose sum is not finite (or overflowed) get the exact check.
         for j in (~torch.isfinite(stacked.sum(dim=(1, 2, 3)))).nonzero().flatten().tolist():
