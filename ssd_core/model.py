@@ -142,6 +142,55 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
+# oneDNN post-op (name, scalars) for activations a convolution can apply as it writes its output.
+_POST_OPS: dict[type, tuple[str, list[float]]] = {
+    nn.ReLU: ("relu", []),
+    nn.ReLU6: ("hardtanh", [0.0, 6.0]),
+    nn.Hardswish: ("hardswish", []),
+}
+
+
+def _fused_conv_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+class FusedConvActivation(nn.Module):
+    """A Conv2d and the activation after it as one oneDNN call on CPU (the activation applied while
+    the output is written: one pass over it less); elsewhere the two modules as they were."""
+
+    def __init__(self, conv: nn.Conv2d, activation: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.activation = conv, activation
+        self.attr, self.scalars = _POST_OPS[type(activation)]
+        self.fused = _fused_conv_available()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fused and x.device.type == "cpu" and not torch.jit.is_tracing():
+            conv = self.conv
+            # Autocast does not know this op: cast as it would for the convolution.
+            return torch.ops.mkldnn._convolution_pointwise(
+                x.to(conv.weight.dtype), conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+                self.attr, self.scalars, None,
+            )
+        return self.activation(self.conv(x))
+
+
+def fuse_conv_activation(module: nn.Module) -> nn.Module:
+    """Replace, in place, every Conv2d followed in a Sequential by ReLU, ReLU6 or Hardswish (Identity
+    left by `fold_batchnorm` in between is skipped) with a `FusedConvActivation`. For inference."""
+    for parent in module.modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        names = [name for name, child in parent._modules.items() if not isinstance(child, nn.Identity)]
+        for first, second in zip(names[:-1], names[1:]):
+            conv, activation = parent._modules[first], parent._modules[second]
+            if (isinstance(conv, nn.Conv2d) and type(activation) in _POST_OPS and conv.padding_mode == "zeros"
+                    and not isinstance(conv.padding, str)):
+                parent._modules[first] = FusedConvActivation(conv, activation)
+                parent._modules[second] = nn.Identity()
+    return module
+
+
 class SSD(nn.Module):
     """Single Shot MultiBox Detector assembled from its parts.
 
@@ -205,7 +254,8 @@ class SSD(nn.Module):
 
     def _inference_modules(self, precision: str) -> tuple[nn.Module, nn.Module]:
         """Backbone and head for low-precision inference: BatchNorm folded into the convolutions
-        before it, weights cast once to bf16/fp16 in channels_last. Cached until any parameter or
+        before it, each activation fused into the convolution before it, weights cast once to bf16/fp16
+        in channels_last. Cached until any parameter or
         buffer of the model changes (an optimizer step, load_state_dict, .to())."""
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         tensors = [*self.parameters(), *self.buffers()]
@@ -214,7 +264,7 @@ class SSD(nn.Module):
         if cache is None or cache[0] != key:
             modules = []
             for module in (self.backbone, self.head):
-                module = fold_batchnorm(copy.deepcopy(module).eval())
+                module = fuse_conv_activation(fold_batchnorm(copy.deepcopy(module).eval()))
                 modules.append(module.to(dtype=dtype, memory_format=torch.channels_last).requires_grad_(False))
             cache = (key, tuple(modules))
             object.__setattr__(self, "_inference_cache", cache)  # not a submodule: never saved or trained

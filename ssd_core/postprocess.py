@@ -4,7 +4,10 @@ The result is the same as running the SSD recipe image by image and class by cla
 way), but with no Python loop over images or classes:
 
 1. per (image, class) keep the `topk_candidates` best default boxes above `score_thresh`;
-2. per image keep the `pool_size` best of those across classes. Greedy NMS restricted to the
+2. per image keep the `pool_size` best of those across classes. When no (image, class) has more than
+   `topk_candidates` boxes above the threshold (the usual case at deployment thresholds such as 0.3),
+   step 1 keeps every box above it, so the candidates are gathered sparsely and sorted instead of
+   running top-k over every (image, class, box): the same candidates, a fraction of the work. Greedy NMS restricted to the
    highest-scoring boxes of a class equals the full NMS result restricted to them, so if at least
    `detections_per_img` survive NMS within the pool, the final top detections are exactly those of
    the full set. Otherwise (rare: heavy suppression) the pool grows and the step is repeated;
@@ -50,22 +53,24 @@ def postprocess(
     {"boxes": FloatTensor[N, 4] xyxy in original pixels, "labels": Int64[N], "scores": FloatTensor[N]},
     sorted by score.
     """
-    top_scores, top_anchor, k = class_candidates(cls_logits, config)
-    num_valid = (top_scores > config.score_thresh).sum(dim=1)  # [B]
-
-    total = top_scores.shape[1]
-    pool = min(config.pool_size, total)
     exporting = torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+    scores = F.softmax(cls_logits.float(), dim=-1)  # [B, A, C]
+    candidates = None if exporting else SparseCandidates.gather(scores, config)
+    if candidates is None:
+        candidates = DenseCandidates(*class_topk(scores, config), config.score_thresh)
+    pool = min(config.pool_size, candidates.total)
     while True:
+        pool_scores, pool_label, pool_anchor = candidates.pool(pool)
         result, kept_per_image = _select(
-            top_scores, top_anchor, k, pool, bbox_regression, anchors, image_size, config, box_weights
+            pool_scores, pool_label, pool_anchor, bbox_regression, anchors, image_size, config, box_weights,
+            num_classes=cls_logits.shape[-1],
         )
-        if exporting or pool >= total:
+        if exporting or pool >= candidates.total:
             break
-        starved = (kept_per_image < config.detections_per_img) & (num_valid > pool)
+        starved = (kept_per_image < config.detections_per_img) & (candidates.num_valid > pool)
         if not bool(starved.any()):
             break
-        pool = min(pool * 4, total)
+        pool = min(pool * 4, candidates.total)
 
     boxes, scores_out, labels, counts, image_index = result
     ratio = original_sizes.to(boxes) / torch.tensor(image_size, dtype=boxes.dtype, device=boxes.device)  # [B, 2]
@@ -83,7 +88,12 @@ def class_candidates(cls_logits: Tensor, config: PostProcessConfig) -> tuple[Ten
     cls_logits [B, A, C] -> scores [B, (C-1)*k] (-1 where not above `score_thresh`), their default
     box indices [B, (C-1)*k], and k. Column c*k + j holds class c+1's j-th best box.
     """
-    scores = F.softmax(cls_logits.float(), dim=-1)[..., 1:]  # [B, A, C-1], background dropped
+    return class_topk(F.softmax(cls_logits.float(), dim=-1), config)
+
+
+def class_topk(scores: Tensor, config: PostProcessConfig) -> tuple[Tensor, Tensor, int]:
+    """`class_candidates` from softmax scores [B, A, C]."""
+    scores = scores[..., 1:]  # [B, A, C-1], background dropped
     k = min(config.topk_candidates, scores.shape[1])
     top_scores, top_anchor = scores.transpose(1, 2).topk(k, dim=2)  # [B, C-1, k]
     top_scores = top_scores.flatten(1)
@@ -99,26 +109,88 @@ def pool_candidates(
 
     Returns scores [B, P], labels [B, P] (1-based) and boxes [B, P, 4] in input pixels.
     """
-    pool_scores, pool_pos = top_scores.topk(pool, dim=1)  # [B, P]
-    pool_anchor = torch.gather(top_anchor, 1, pool_pos)  # [B, P]
-    pool_label = torch.div(pool_pos, k, rounding_mode="floor") + 1  # [B, P]
+    pool_scores, pool_label, pool_anchor = DenseCandidates(top_scores, top_anchor, k, -1.0).pool(pool)
+    return pool_scores, pool_label, decode_pool(pool_anchor, bbox_regression, anchors, image_size, box_weights)
+
+
+def decode_pool(pool_anchor: Tensor, bbox_regression: Tensor, anchors: Tensor, image_size: tuple[int, int],
+                box_weights: tuple[float, float, float, float]) -> Tensor:
+    """Boxes [B, P, 4] in input pixels, decoded and clipped, of the default boxes `pool_anchor` [B, P]."""
     rel = torch.gather(bbox_regression.float(), 1, pool_anchor.unsqueeze(-1).expand(-1, -1, 4))  # [B, P, 4]
-    boxes = clip_to_size(decode(rel, anchors[pool_anchor], box_weights), image_size)  # [B, P, 4]
-    return pool_scores, pool_label, boxes
+    return clip_to_size(decode(rel, anchors[pool_anchor], box_weights), image_size)
 
 
-def _select(top_scores, top_anchor, k, pool, bbox_regression, anchors, image_size, config, box_weights):
-    """One pass of steps 2-4 with a pool of `pool` candidates per image."""
-    batch = top_scores.shape[0]
-    device = top_scores.device
-    pool_scores, pool_label, boxes = pool_candidates(
-        top_scores, top_anchor, k, pool, bbox_regression, anchors, image_size, box_weights
-    )
+class DenseCandidates:
+    """Step 1's output as fixed-size tensors (see `class_candidates`); traceable for export."""
+
+    def __init__(self, top_scores: Tensor, top_anchor: Tensor, k: int, score_thresh: float) -> None:
+        self.top_scores, self.top_anchor, self.k = top_scores, top_anchor, k  # [B, (C-1)*k] each
+        self.total = top_scores.shape[1]
+        self.num_valid = (top_scores > score_thresh).sum(dim=1)  # [B]
+
+    def pool(self, pool: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Per image the `pool` best: scores [B, P] (-1 padding), labels [B, P] (1-based), default boxes [B, P]."""
+        pool_scores, pool_pos = self.top_scores.topk(pool, dim=1)  # [B, P]
+        pool_anchor = torch.gather(self.top_anchor, 1, pool_pos)  # [B, P]
+        pool_label = torch.div(pool_pos, self.k, rounding_mode="floor") + 1  # [B, P]
+        return pool_scores, pool_label, pool_anchor
+
+
+class SparseCandidates:
+    """Step 1 when no (image, class) has more than `topk_candidates` boxes above the threshold: then
+    every box above it is a candidate, gathered as a list and sorted per image by descending score."""
+
+    # Above this many candidates per image the dense top-k path is cheaper than sorting them all.
+    MAX_PER_IMAGE = 8000
+
+    def __init__(self, image: Tensor, anchor: Tensor, label: Tensor, score: Tensor, batch: int) -> None:
+        # image, anchor, label (1-based), score: [n], sorted by (image, descending score).
+        self.image, self.anchor, self.label, self.score, self.batch = image, anchor, label, score, batch
+        self.num_valid = torch.bincount(image, minlength=batch)  # [B]
+        self.total = int(self.num_valid.max()) if image.numel() else 0
+        self.rank = torch.arange(image.numel(), device=image.device) - (torch.cumsum(self.num_valid, 0) - self.num_valid)[image]
+
+    @classmethod
+    def gather(cls, scores: Tensor, config: PostProcessConfig) -> SparseCandidates | None:
+        """The sparse candidates of softmax `scores` [B, A, C], or None where the dense path is needed."""
+        batch, num_anchors, num_classes = scores.shape
+        above = scores > config.score_thresh  # [B, A, C]
+        above[..., 0] = False  # background is never a detection
+        count = int(torch.count_nonzero(above))
+        if count > cls.MAX_PER_IMAGE * batch:
+            return None
+        image, anchor, label = above.nonzero(as_tuple=True)  # [n] each; label 1-based like the classes
+        if count > min(config.topk_candidates, num_anchors):
+            per_class = torch.bincount(image * num_classes + label, minlength=batch * num_classes)
+            if int(per_class.max()) > min(config.topk_candidates, num_anchors):
+                return None  # some class has more boxes above the threshold than step 1 keeps
+        score = scores[image, anchor, label]
+        # Images never interleave: key in [2*image - 1, 2*image); float64 keeps scores' order exact.
+        order = torch.sort(image.double() * 2 - score.double()).indices
+        return cls(image[order], anchor[order], label[order], score[order], batch)
+
+    def pool(self, pool: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Same contract as `DenseCandidates.pool`."""
+        width = max(1, min(pool, self.total))
+        scores = self.score.new_full((self.batch, width), -1.0)
+        labels = self.label.new_ones((self.batch, width))
+        anchors = self.anchor.new_zeros((self.batch, width))
+        inside = self.rank < width
+        where = (self.image[inside], self.rank[inside])
+        scores[where], labels[where], anchors[where] = self.score[inside], self.label[inside], self.anchor[inside]
+        return scores, labels, anchors
+
+
+def _select(pool_scores, pool_label, pool_anchor, bbox_regression, anchors, image_size, config, box_weights, *,
+            num_classes: int):
+    """Steps 3-4 on one pool of candidates per image (scores, labels, default boxes: [B, P])."""
+    batch = pool_scores.shape[0]
+    device = pool_scores.device
+    boxes = decode_pool(pool_anchor, bbox_regression, anchors, image_size, box_weights)
 
     valid = pool_scores > config.score_thresh  # [B, P]
     image_index = torch.arange(batch, device=device)[:, None].expand_as(pool_label)[valid]  # [n]
     flat_boxes, flat_scores, flat_labels = boxes[valid], pool_scores[valid], pool_label[valid]
-    num_classes = int(top_scores.shape[1] // k) + 1
     # Each (image, class) group gets its own coordinate range, larger than any box.
     group = image_index * num_classes + flat_labels
     offset = float(max(image_size) + 1)

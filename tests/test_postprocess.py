@@ -72,3 +72,54 @@ def test_nothing_above_threshold(reference):
     logits[..., 0] = 20  # background wins everywhere
     got = _compare(reference, logits, torch.zeros(2, 8732, 4), PostProcessConfig(), [(300, 300), (100, 100)])
     assert all(d["boxes"].shape == (0, 4) for d in got)
+
+
+def _deployment_logits(batch: int, num_anchors: int, num_classes: int, seed: int) -> torch.Tensor:
+    """Logits where few boxes pass a 0.3 threshold: background mostly wins, some boxes are confident."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, num_anchors, num_classes, generator=g)
+    logits[..., 0] += 3
+    confident = torch.rand(batch, num_anchors, generator=g) < 0.02
+    boost = torch.zeros(batch, num_anchors, num_classes)
+    boost[..., 1:] = torch.rand(batch, num_anchors, num_classes - 1, generator=g) * 8
+    return logits + boost * confident[..., None]
+
+
+def test_deployment_threshold_takes_the_sparse_path_and_equals_torchvision(reference):
+    from ssd_core.postprocess import SparseCandidates
+
+    logits = _deployment_logits(4, 8732, 21, seed=2)
+    config = PostProcessConfig(score_thresh=0.3)
+    scores = torch.softmax(logits, dim=-1)
+    assert SparseCandidates.gather(scores, config) is not None, "this input should use the sparse path"
+    got = _compare(reference, logits, torch.randn(4, 8732, 4) * 0.5, config,
+                   [(300, 300), (480, 640), (200, 133), (1000, 90)])
+    assert sum(len(d["boxes"]) for d in got) > 50
+
+
+def test_a_class_over_topk_falls_back_to_the_dense_path_and_stays_exact(reference):
+    from ssd_core.postprocess import SparseCandidates
+
+    logits = _deployment_logits(2, 8732, 6, seed=3)
+    logits[1, :1500, 4] += 4  # ~1,000 of one class above 0.3: more than topk_candidates (400)
+    config = PostProcessConfig(score_thresh=0.3)
+    assert SparseCandidates.gather(torch.softmax(logits, dim=-1), config) is None
+    _compare(reference, logits, torch.randn(2, 8732, 4) * 0.5, config, [(300, 300), (480, 640)])
+
+
+def test_sparse_and_dense_candidates_give_the_same_pool():
+    from ssd_core.postprocess import DenseCandidates, SparseCandidates, class_topk
+
+    config = PostProcessConfig(score_thresh=0.3)
+    scores = torch.softmax(_deployment_logits(3, 3234, 91, seed=4), dim=-1)
+    sparse = SparseCandidates.gather(scores, config)
+    dense = DenseCandidates(*class_topk(scores, config), config.score_thresh)
+    assert torch.equal(sparse.num_valid, dense.num_valid)
+    width = int(sparse.num_valid.max())
+    for pool in (7, width):
+        s_scores, s_labels, s_anchors = sparse.pool(pool)
+        d_scores, d_labels, d_anchors = dense.pool(pool)
+        valid = d_scores > config.score_thresh
+        assert torch.equal(s_scores > config.score_thresh, valid)
+        assert torch.equal(s_scores[valid], d_scores[valid])
+        assert torch.equal(s_labels[valid], d_labels[valid]) and torch.equal(s_anchors[valid], d_anchors[valid])
