@@ -467,6 +467,9 @@ class _Detector:
     def __init__(self, config: DetectConfig, reads: bool = False) -> None:
         import torch
 
+        from ssd_core.allocator import tune_allocator
+
+        tune_allocator()
         torch.set_num_threads(max(1, config.threads_per_actor))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = _load_model(config).to(self.device)

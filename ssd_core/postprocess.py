@@ -4,13 +4,14 @@ The result is the same as running the SSD recipe image by image and class by cla
 way), but with no Python loop over images or classes:
 
 1. per (image, class) keep the `topk_candidates` best default boxes above `score_thresh`;
-2. per image keep the `pool_size` best of those across classes. When no (image, class) has more than
-   `topk_candidates` boxes above the threshold (the usual case at deployment thresholds such as 0.3),
-   step 1 keeps every box above it, so the candidates are gathered sparsely and sorted instead of
-   running top-k over every (image, class, box): the same candidates, a fraction of the work. Greedy NMS restricted to the
+2. per image keep the `pool_size` best of those across classes. Greedy NMS restricted to the
    highest-scoring boxes of a class equals the full NMS result restricted to them, so if at least
    `detections_per_img` survive NMS within the pool, the final top detections are exactly those of
-   the full set. Otherwise (rare: heavy suppression) the pool grows and the step is repeated;
+   the full set. Otherwise (rare: heavy suppression) the pool grows and the step is repeated.
+   When no (image, class) has more than `topk_candidates` boxes above the threshold (the usual case
+   at deployment thresholds such as 0.3), step 1 keeps every box above it: those are gathered as a
+   list and sorted per image instead of running top-k over every (image, class, box), the same
+   candidates for a fraction of the work;
 3. NMS with each (image, class) group offset into its own coordinate range (torchvision's
    coordinate trick) so that groups never suppress each other: one call for the batch on GPU, one
    call per image on CPU, where the kernel's cost grows with (kept x candidates);
@@ -148,7 +149,8 @@ class SparseCandidates:
         self.image, self.anchor, self.label, self.score, self.batch = image, anchor, label, score, batch
         self.num_valid = torch.bincount(image, minlength=batch)  # [B]
         self.total = int(self.num_valid.max()) if image.numel() else 0
-        self.rank = torch.arange(image.numel(), device=image.device) - (torch.cumsum(self.num_valid, 0) - self.num_valid)[image]
+        first = torch.cumsum(self.num_valid, 0) - self.num_valid  # [B] where each image's run starts
+        self.rank = torch.arange(image.numel(), device=image.device) - first[image]  # [n] rank in its image
 
     @classmethod
     def gather(cls, scores: Tensor, config: PostProcessConfig) -> SparseCandidates | None:
@@ -166,7 +168,7 @@ class SparseCandidates:
                 return None  # some class has more boxes above the threshold than step 1 keeps
         score = scores[image, anchor, label]
         # Images never interleave: key in [2*image - 1, 2*image); float64 keeps scores' order exact.
-        order = torch.sort(image.double() * 2 - score.double()).indices
+        order = torch.sort(image.double() * 2 - score.double(), stable=True).indices
         return cls(image[order], anchor[order], label[order], score[order], batch)
 
     def pool(self, pool: int) -> tuple[Tensor, Tensor, Tensor]:
