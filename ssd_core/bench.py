@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ssd_core.allocator import tune_allocator
 from ssd_core.postprocess import postprocess
 from ssd_core.precision import resolve_precision
 
@@ -100,7 +101,9 @@ def _summarise(times: dict[str, list[float]], images_per_call: int, anchor: str)
 def bench_infer(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int = 480, width: int = 640) -> dict[str, Any]:
     """End-to-end eval forward (resize, network, post-processing) of torchvision fp32, torchvision
     under bf16 autocast + channels_last, ours fp32 and ours with precision="auto"; plus
-    post-processing alone on the same head outputs."""
+    post-processing alone on the same head outputs. Both sides run with the malloc settings bulk
+    detection uses (`ssd_core.allocator`)."""
+    tune_allocator()
     reference, ours = _torchvision_pair(arch)
     reference.eval()
     ours.eval()

@@ -8,8 +8,6 @@ import importlib
 import logging
 import sys
 
-from ssd_core.allocator import tune_allocator
-
 # Sub-command modules, in the order `ssd --help` lists them.
 COMMAND_MODULES = [
     "ssd_core.commands.data",
@@ -48,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    tune_allocator()
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, KeyError) as exc:

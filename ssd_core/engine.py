@@ -35,7 +35,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ssd_core.allocator import tune_allocator
 from ssd_core.checkpoint import (
     CHECKPOINT_VERSION,
     capture_rng_state,
@@ -627,7 +626,6 @@ def checkpoint_payload(
 def fit(config: TrainConfig, runtime: Runtime | None = None) -> dict[str, Any]:
     """Train `config` to the end (or to max_steps / the time budget), evaluating every `eval_every`
     epochs and after the last; returns the final metrics (12 COCO metrics, losses, counters, paths)."""
-    tune_allocator()
     runtime = runtime or Runtime(config.output, device=config.device, resume=config.resume)
     config = config.resolved(runtime.world_size)
     if config.threads:

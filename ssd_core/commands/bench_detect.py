@@ -110,9 +110,11 @@ def bench_detect(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from ssd_core import build_model
+    from ssd_core.allocator import tune_allocator
     from ssd_core.bench import _torchvision_pair
     from ssd_core.bulk import _init_ray, decode_image
 
+    tune_allocator()  # as the pipeline's actors do: the model-only and naive figures get it too
     with tempfile.TemporaryDirectory(prefix="ssd-bench-detect-") as tmp:
         work = Path(args.work_dir or tmp)
         paths = write_jpeg_bucket(work / "bucket", args.images)
