@@ -743,10 +743,10 @@ def _run_pipeline(pending, config: DetectConfig, *, num_actors: int, use_gpu: bo
         )
     else:
         # CPU-only nodes: one single-threaded actor per CPU reads, decodes and infers; decoding and
-        # inference overlap across actors. Measured on 2 cores (ssdlite320, 640x480 JPEGs), steady
-        # state: 70-78 img/s this way against 47-55 with read tasks feeding one 2-thread actor: the
-        # 20 MB float batches no longer go through the object store, and two one-thread models use two
-        # cores better than one two-thread model (about 2 x 64 against 96 img/s).
+        # inference overlap across actors. Measured on the first 2-core reference machine (ssdlite320,
+        # 640x480 JPEGs), steady state: 70-78 img/s this way against 47-55 with read tasks feeding one
+        # 2-thread actor: the 20 MB float batches no longer go through the object store, and two
+        # one-thread models used two cores better than one two-thread model (2 x 64 against 96 img/s).
         dataset = dataset.map_batches(
             _Detector, batch_size=None, batch_format="pyarrow",
             fn_constructor_kwargs={"config": config, "reads": True},

@@ -169,8 +169,8 @@ class FusedConvActivation(nn.Module):
             conv = self.conv
             # Autocast does not know this op: cast as it would for the convolution.
             return torch.ops.mkldnn._convolution_pointwise(
-                x.to(conv.weight.dtype), conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-                self.attr, self.scalars, None,
+                x.to(conv.weight.dtype), conv.weight, conv.bias, list(conv.padding), list(conv.stride),
+                list(conv.dilation), conv.groups, self.attr, self.scalars, None,
             )
         return self.activation(self.conv(x))
 
@@ -255,8 +255,8 @@ class SSD(nn.Module):
     def _inference_modules(self, precision: str) -> tuple[nn.Module, nn.Module]:
         """Backbone and head for low-precision inference: BatchNorm folded into the convolutions
         before it, each activation fused into the convolution before it, weights cast once to bf16/fp16
-        in channels_last. Cached until any parameter or
-        buffer of the model changes (an optimizer step, load_state_dict, .to())."""
+        in channels_last. Cached until any parameter or buffer of the model changes (an optimizer step,
+        load_state_dict, .to())."""
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         tensors = [*self.parameters(), *self.buffers()]
         key = (dtype, tuple((t.data_ptr(), t._version) for t in tensors))
