@@ -3,7 +3,8 @@
 Pipeline (streaming, so decoding and inference overlap)::
 
     list (driver, fsspec)  ->  read + decode + resize/normalise (CPU tasks; in the actors on CPU-only nodes)
-        ->  batched inference (actor pool, model loaded once per actor)  ->  write block (tasks)
+        ->  batched inference (actor pool, model loaded once per actor)
+        ->  write block (tasks; in the actors on CPU-only nodes)
 
 Outputs under ``OUTPUT`` (zstd Parquet, Hive-partitioned by ``run_id``):
 
@@ -41,6 +42,7 @@ non-images are skipped without a row).
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import hashlib
 import io
 import logging
@@ -460,11 +462,13 @@ def _read_error_message(exc: BaseException) -> str:
 class _Detector:
     """Ray actor: loads the model once, then turns batches into per-image detections.
 
-    With ``reads`` (CPU-only nodes) it takes listing rows and reads and decodes them itself; otherwise
-    it takes the preprocessed batches of the read tasks (GPU nodes). See ``_run_pipeline`` for why.
+    With ``owns_blocks`` (CPU-only nodes) it takes a block of listing rows, reads, decodes and detects
+    them ``batch_size`` at a time, writes the block's files and returns the block's summary row;
+    otherwise it takes the preprocessed batches of the read tasks and returns their detections for the
+    write tasks (GPU nodes). See ``_run_pipeline`` for why.
     """
 
-    def __init__(self, config: DetectConfig, reads: bool = False) -> None:
+    def __init__(self, config: DetectConfig, owns_blocks: bool = False) -> None:
         import torch
 
         from ssd_core.allocator import tune_allocator
@@ -473,15 +477,31 @@ class _Detector:
         torch.set_num_threads(max(1, config.threads_per_actor))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = _load_model(config).to(self.device)
-        self.config, self.reads = config, reads
+        self.config, self.owns_blocks = config, owns_blocks
+        # Everything loaded so far (torch, torchvision, the model) lives as long as the process: keep it
+        # out of the collector. Besides shorter full collections, it makes the actor's exit quick: without
+        # it each actor spent ~2 s of CPU in the interpreter's final collection, on cores the next run
+        # (or the next job on the node) was already using.
+        gc.freeze()
 
     def __call__(self, batch):
-        """Image columns pass through; adds list columns det_label, det_score and det_box (4 per box)."""
+        if not self.owns_blocks:
+            return self.detect(batch)
+        import pyarrow as pa
+
+        step = self.config.batch_size
+        parts = [
+            self.detect(_read_and_preprocess(batch.slice(start, step), config=self.config))
+            for start in range(0, batch.num_rows, step)
+        ]
+        return _write_block(pa.concat_tables(parts) if parts else _empty_results(), config=self.config)
+
+    def detect(self, batch: Mapping[str, np.ndarray]):
+        """A preprocessed batch (see `_read_and_preprocess`) -> results table: the image columns pass
+        through; adds list columns det_label, det_score and det_box (4 per box)."""
         import pyarrow as pa
         import torch
 
-        if self.reads:
-            batch = _read_and_preprocess(batch, config=self.config)
         ok = batch["status"] == "ok"
         count = len(ok)
         labels, scores, boxes = [], [], []
@@ -515,6 +535,22 @@ class _Detector:
         )
 
 
+def _results_schema():
+    """Columns `_Detector.detect` returns and `_write_block` takes."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [("image_uri", pa.string()), ("size_bytes", pa.int64()), ("etag", pa.string()), ("width", pa.int32()),
+         ("height", pa.int32()), ("status", pa.string()), ("error", pa.string()),
+         ("det_label", pa.list_(pa.int32())), ("det_score", pa.list_(pa.float32())),
+         ("det_box", pa.list_(pa.float32()))]
+    )
+
+
+def _empty_results():
+    return _results_schema().empty_table()
+
+
 def block_id_of(image_uris, etags, weights_digest: str) -> str:
     """Deterministic id of a block: a retried or re-run block with the same content gets the same files."""
     digest = hashlib.sha256(weights_digest.encode())
@@ -538,8 +574,10 @@ def _write_block(results, *, config: DetectConfig):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    block_id = block_id_of(results["image_uri"].to_pylist(), results["etag"].to_pylist(), config.weights_digest)
     num_images = results.num_rows
+    if num_images == 0:  # e.g. a block of extension-less objects that were not images: nothing to commit
+        return pa.table({"images": [0], "ok": [0], "error": [0], "detections": [0]})
+    block_id = block_id_of(results["image_uri"].to_pylist(), results["etag"].to_pylist(), config.weights_digest)
     parent = pc.list_parent_indices(results["det_label"])  # box -> row
     labels = pc.list_flatten(results["det_label"])
     num_boxes = len(labels)
@@ -717,6 +755,14 @@ def detect_bucket(
     return summary
 
 
+def cpu_block_rows(num_pending: int, config: DetectConfig, num_actors: int) -> int:
+    """Images per block on CPU-only nodes, where a block is read, detected and written by one actor as
+    one file pair: ``rows_per_file``, but small enough that each actor gets at least four blocks (so no
+    actor sits idle at the end while another finishes a big one), rounded up to whole batches."""
+    batches_per_actor_share = -(-num_pending // (4 * max(1, num_actors) * config.batch_size))
+    return max(1, min(config.rows_per_file, batches_per_actor_share * config.batch_size))
+
+
 def _run_pipeline(pending, config: DetectConfig, *, num_actors: int, use_gpu: bool, summary: dict,
                   progress: bool) -> None:
     """Ray Data: read/decode -> inference actors -> write tasks, consumed as summaries. Reading and
@@ -727,9 +773,11 @@ def _run_pipeline(pending, config: DetectConfig, *, num_actors: int, use_gpu: bo
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours below counts images, not blocks
     context.enable_operator_progress_bars = False
-    step = config.batch_size
+    step = config.batch_size if use_gpu else cpu_block_rows(pending.num_rows, config, num_actors)
     listing_blocks = [pending.slice(start, step) for start in range(0, pending.num_rows, step)]
-    dataset = ray.data.from_arrow(listing_blocks)
+    # from_blocks keeps our blocks as they are and takes their metadata here; from_arrow would run a
+    # remote task per block for it (booting worker processes before anything useful starts).
+    dataset = ray.data.from_blocks(listing_blocks)
     if use_gpu:
         # GPU nodes: CPU tasks read and decode while the GPU actors infer. num_cpus differs from the
         # actors' on purpose: equal remote args would let Ray fuse decoding into the inference actor.
@@ -741,20 +789,23 @@ def _run_pipeline(pending, config: DetectConfig, *, num_actors: int, use_gpu: bo
             fn_constructor_kwargs={"config": config}, compute=ray.data.ActorPoolStrategy(size=num_actors),
             num_cpus=0, num_gpus=1,
         )
+        # Writing is light (a few Parquet files per 1024 images) and must not wait for the GPU actors.
+        dataset = dataset.map_batches(_write_block, batch_size=config.rows_per_file, batch_format="pyarrow",
+                                      fn_kwargs={"config": config}, num_cpus=0.5)
     else:
         # CPU-only nodes: one single-threaded actor per CPU reads, decodes and infers; decoding and
         # inference overlap across actors. Measured on the first 2-core reference machine (ssdlite320,
         # 640x480 JPEGs), steady state: 70-78 img/s this way against 47-55 with read tasks feeding one
         # 2-thread actor: the 20 MB float batches no longer go through the object store, and two
         # one-thread models used two cores better than one two-thread model (2 x 64 against 96 img/s).
+        # The actors write their blocks' files too: a separate write stage needs worker processes of its
+        # own, and each boots (Python, Ray, Ray Data: 2.7 s of CPU here) while the cores are busy, once
+        # when the first file is due and again for the last one, after the detectors have finished.
         dataset = dataset.map_batches(
             _Detector, batch_size=None, batch_format="pyarrow",
-            fn_constructor_kwargs={"config": config, "reads": True},
+            fn_constructor_kwargs={"config": config, "owns_blocks": True},
             compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=1,
         )
-    # Writing is light (a few Parquet files per 1024 images) and must not wait for a CPU the actors hold.
-    dataset = dataset.map_batches(_write_block, batch_size=config.rows_per_file, batch_format="pyarrow",
-                                  fn_kwargs={"config": config}, num_cpus=0.5 if use_gpu else 0)
     with tqdm(total=pending.num_rows, unit="img", desc="detect", disable=not progress) as bar:
         for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             counts = {name: int(sum(block[name].to_pylist())) for name in ("images", "ok", "error", "detections")}
