@@ -358,6 +358,9 @@ def _load_model(config: DetectConfig):
     """The model for ``config`` in eval mode (random init is seeded, so every actor gets the same one)."""
     import torch
 
+    from ssd_core.lazy_imports import import_torchvision
+
+    import_torchvision()  # before ssd_core's model modules import it: start-up counts here (see there)
     from ssd_core import build_model, load_model
 
     if config.weights is None:
