@@ -497,7 +497,7 @@ class _Detector:
             self.detect(_read_and_preprocess(batch.slice(start, step), config=self.config))
             for start in range(0, batch.num_rows, step)
         ]
-        return _write_block(pa.concat_tables(parts) if parts else _empty_results(), config=self.config)
+        return _write_block(pa.concat_tables(parts), config=self.config) if parts else _block_summary(0, 0, 0)
 
     def detect(self, batch: Mapping[str, np.ndarray]):
         """A preprocessed batch (see `_read_and_preprocess`) -> results table: the image columns pass
@@ -538,20 +538,11 @@ class _Detector:
         )
 
 
-def _results_schema():
-    """Columns `_Detector.detect` returns and `_write_block` takes."""
+def _block_summary(images: int, ok: int, detections: int):
+    """The one-row table a written block reports to the driver."""
     import pyarrow as pa
 
-    return pa.schema(
-        [("image_uri", pa.string()), ("size_bytes", pa.int64()), ("etag", pa.string()), ("width", pa.int32()),
-         ("height", pa.int32()), ("status", pa.string()), ("error", pa.string()),
-         ("det_label", pa.list_(pa.int32())), ("det_score", pa.list_(pa.float32())),
-         ("det_box", pa.list_(pa.float32()))]
-    )
-
-
-def _empty_results():
-    return _results_schema().empty_table()
+    return pa.table({"images": [images], "ok": [ok], "error": [images - ok], "detections": [detections]})
 
 
 def block_id_of(image_uris, etags, weights_digest: str) -> str:
@@ -579,7 +570,7 @@ def _write_block(results, *, config: DetectConfig):
 
     num_images = results.num_rows
     if num_images == 0:  # e.g. a block of extension-less objects that were not images: nothing to commit
-        return pa.table({"images": [0], "ok": [0], "error": [0], "detections": [0]})
+        return _block_summary(0, 0, 0)
     block_id = block_id_of(results["image_uri"].to_pylist(), results["etag"].to_pylist(), config.weights_digest)
     parent = pc.list_parent_indices(results["det_label"])  # box -> row
     labels = pc.list_flatten(results["det_label"])
@@ -632,9 +623,7 @@ def _write_block(results, *, config: DetectConfig):
         config.storage_options,
     )
     num_ok = int(pc.sum(ok.cast(pa.int64())).as_py() or 0)
-    return pa.table(
-        {"images": [num_images], "ok": [num_ok], "error": [num_images - num_ok], "detections": [num_boxes]}
-    )
+    return _block_summary(num_images, num_ok, num_boxes)
 
 
 def default_run_id() -> str:

@@ -157,3 +157,14 @@ def test_query_on_s3_with_env_endpoint(moto_s3, s3_bucket, local_output):  # noq
         client.put_object(Bucket=s3_bucket, Key=key, Body=path.read_bytes())
     for sql in QUERIES:
         assert query(f"s3://{s3_bucket}/out", sql).to_pylist() == duckdb_reference(local_output, sql).to_pylist()
+
+
+def test_an_empty_block_commits_nothing(tmp_path):
+    """A block whose objects were all sniffed away (extension-less, not images) writes no files."""
+    config = bulk.DetectConfig(
+        output_uri=str(tmp_path), run_id="r", arch="x", weights=None, model_name="m", weights_digest="d",
+        class_names=CLASS_NAMES,
+    )
+    summary = bulk._write_block(_results(["s3://b/x.jpg", "s3://b/y.jpg"], 0).slice(0, 0), config=config)
+    assert summary.to_pylist() == [{"images": 0, "ok": 0, "error": 0, "detections": 0}]
+    assert not list(tmp_path.rglob("*.parquet"))
