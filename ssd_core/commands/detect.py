@@ -23,9 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--score-threshold", type=float, default=0.3)
     parser.add_argument("--run-id", help="partition name for this run (default: UTC timestamp + random suffix)")
     parser.add_argument("--num-actors", type=int, help="inference actors (default: one per GPU; on CPU-only nodes one "
-                        "single-threaded actor per CPU, each also reading and decoding)")
+                        "single-threaded actor per CPU, each also reading, decoding and writing)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    parser.add_argument("--rows-per-file", type=int, default=1024, help="images per output block file")
+    parser.add_argument("--rows-per-file", type=int, default=1024,
+                        help="images per output block file, at most (fewer on small inputs, so every actor gets work)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
