@@ -729,6 +729,9 @@ def detect_bucket(
         _init_ray()
         cpus = max(1, int(ray.available_resources().get("CPU", os.cpu_count() or 1)))
         num_actors = num_actors or (gpus if gpus else cpus)  # CPU: one single-threaded actor per CPU
+        block_rows = batch_size if gpus else cpu_block_rows(pending.num_rows, batch_size, rows_per_file, num_actors)
+        # An actor with no block to work on would only cost its start-up; the others get its threads.
+        num_actors = min(num_actors, -(-pending.num_rows // block_rows))
         config = DetectConfig(
             output_uri=output_uri, run_id=run_id, arch=arch or model.arch, weights=weights, model_name=model.arch,
             weights_digest=digest, class_names=list(model.class_names), batch_size=batch_size,
@@ -738,7 +741,8 @@ def detect_bucket(
             preprocess_spec=PreprocessSpec.of(model),
         )
         del model
-        _run_pipeline(pending, config, num_actors=num_actors, use_gpu=gpus > 0, summary=summary, progress=progress)
+        _run_pipeline(pending, config, block_rows=block_rows, num_actors=num_actors, use_gpu=gpus > 0,
+                      summary=summary, progress=progress)
     # Extension-less objects whose content was not an image (checked anew each run: they have no row).
     summary["not_images"] = summary["images_new"] - summary["ok"] - summary["error"]
     seconds = time.perf_counter() - started
@@ -747,16 +751,16 @@ def detect_bucket(
     return summary
 
 
-def cpu_block_rows(num_pending: int, config: DetectConfig, num_actors: int) -> int:
+def cpu_block_rows(num_pending: int, batch_size: int, rows_per_file: int, num_actors: int) -> int:
     """Images per block on CPU-only nodes, where a block is read, detected and written by one actor as
     one file pair: ``rows_per_file``, but small enough that each actor gets at least four blocks (so no
     actor sits idle at the end while another finishes a big one), rounded up to whole batches."""
-    batches_per_actor_share = -(-num_pending // (4 * max(1, num_actors) * config.batch_size))
-    return max(1, min(config.rows_per_file, batches_per_actor_share * config.batch_size))
+    batches_per_actor_share = -(-num_pending // (4 * max(1, num_actors) * batch_size))
+    return max(1, min(rows_per_file, batches_per_actor_share * batch_size))
 
 
-def _run_pipeline(pending, config: DetectConfig, *, num_actors: int, use_gpu: bool, summary: dict,
-                  progress: bool) -> None:
+def _run_pipeline(pending, config: DetectConfig, *, block_rows: int, num_actors: int, use_gpu: bool,
+                  summary: dict, progress: bool) -> None:
     """Ray Data: read/decode -> inference actors -> write tasks, consumed as summaries. Reading and
     decoding run in CPU tasks before GPU actors, and inside the actors on CPU-only nodes."""
     import ray
@@ -765,8 +769,7 @@ def _run_pipeline(pending, config: DetectConfig, *, num_actors: int, use_gpu: bo
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours below counts images, not blocks
     context.enable_operator_progress_bars = False
-    step = config.batch_size if use_gpu else cpu_block_rows(pending.num_rows, config, num_actors)
-    listing_blocks = [pending.slice(start, step) for start in range(0, pending.num_rows, step)]
+    listing_blocks = [pending.slice(start, block_rows) for start in range(0, pending.num_rows, block_rows)]
     # from_blocks keeps our blocks as they are and takes their metadata here; from_arrow would run a
     # remote task per block for it (booting worker processes before anything useful starts).
     dataset = ray.data.from_blocks(listing_blocks)

@@ -57,8 +57,9 @@ def test_bench_detect_cli_runs_the_pipeline_model_and_naive_loop(tmp_path, ray_l
     rates = result["images_per_s"]
     assert all(rates[name] > 0 for name in ("pipeline", "pipeline_quarter", "steady", "model_only", "naive"))
     assert result["quarter_images"] == 4
+    # Figures are rounded to 3 decimals, and these tiny runs give ratios of a few hundredths.
     assert result["quarter_efficiency_vs_model"] == pytest.approx(rates["pipeline_quarter"] / rates["model_only"],
-                                                                  rel=1e-2)
+                                                                  rel=1e-2, abs=1e-3)
     assert result["efficiency_vs_model"] == pytest.approx(rates["pipeline"] / rates["model_only"], rel=1e-2)
     assert result["speedup_vs_naive"] == pytest.approx(rates["pipeline"] / rates["naive"], rel=1e-2)
     ledger = read_ledger(str(tmp_path / "work" / "out-0"))

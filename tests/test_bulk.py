@@ -197,13 +197,11 @@ def test_pending_objects_key_is_uri_etag_size_and_weights():
 
 
 def test_cpu_blocks_are_whole_batches_shared_out_and_capped_by_rows_per_file():
-    config = bulk.DetectConfig("out", "r", "ssd300_vgg16", None, "m", "d", [], batch_size=16, rows_per_file=1024)
-    assert bulk.cpu_block_rows(1536, config, num_actors=2) == 192  # 8 blocks: 4 per actor
-    assert bulk.cpu_block_rows(1537, config, num_actors=2) == 208  # rounded up to whole batches
-    assert bulk.cpu_block_rows(10**6, config, num_actors=2) == 1024  # big buckets: one file per 1024 images
-    assert bulk.cpu_block_rows(5, config, num_actors=2) == 16
-    small = bulk.DetectConfig("out", "r", "ssd300_vgg16", None, "m", "d", [], batch_size=4, rows_per_file=6)
-    assert bulk.cpu_block_rows(1000, small, num_actors=2) == 6
+    assert bulk.cpu_block_rows(1536, 16, 1024, num_actors=2) == 192  # 8 blocks: 4 per actor
+    assert bulk.cpu_block_rows(1537, 16, 1024, num_actors=2) == 208  # rounded up to whole batches
+    assert bulk.cpu_block_rows(10**6, 16, 1024, num_actors=2) == 1024  # big buckets: one file per 1024 images
+    assert bulk.cpu_block_rows(5, 16, 1024, num_actors=2) == 16
+    assert bulk.cpu_block_rows(1000, 4, 6, num_actors=2) == 6
 
 
 def test_block_id_is_order_independent_and_weight_specific():
