@@ -510,7 +510,10 @@ class _Detector:
         labels, scores, boxes = [], [], []
         counts = np.zeros(count, dtype=np.int32)
         if ok.any():
-            pixels = torch.from_numpy(np.array(batch["pixels"][ok], copy=True)).to(self.device)
+            pixels = batch["pixels"]
+            if not (ok.all() and pixels.flags.writeable):
+                pixels = pixels[ok]  # a boolean index copies (into a writable array): once, and only if needed
+            pixels = torch.from_numpy(pixels).to(self.device)
             sizes = torch.from_numpy(np.stack([batch["height"][ok], batch["width"][ok]], axis=1).astype(np.int64))
             with torch.inference_mode():
                 outputs = self.model.detect(pixels, sizes)
