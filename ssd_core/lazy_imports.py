@@ -43,15 +43,15 @@ def import_torchvision() -> types.ModuleType:
     except ImportError:
         for name in [name for name in sys.modules if name == "torchvision" or name.startswith("torchvision.")]:
             del sys.modules[name]
-        _remove_stand_ins(torch, package)
+        _remove_stand_ins(torch, package, utils)
         return importlib.import_module("torchvision")
     finally:
-        _remove_stand_ins(torch, package)
+        _remove_stand_ins(torch, package, utils)
 
 
-def _remove_stand_ins(torch: types.ModuleType, package: types.ModuleType) -> None:
-    for name in _STAND_INS:
-        if sys.modules.get(name) in (package, getattr(package, "utils", None)):
+def _remove_stand_ins(torch: types.ModuleType, package: types.ModuleType, utils: types.ModuleType) -> None:
+    for name, stand_in in zip(_STAND_INS, (package, utils)):
+        if sys.modules.get(name) is stand_in:
             del sys.modules[name]
     if torch.__dict__.get("_dynamo") is package:  # the import system binds submodules on their parent
         del torch._dynamo

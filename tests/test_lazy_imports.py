@@ -35,6 +35,34 @@ def test_torchvision_without_dynamo_in_a_fresh_process():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
+FALLBACK_PROBE = """
+import importlib.abc, sys
+import torch
+
+class NeedsMoreDynamo(importlib.abc.MetaPathFinder):
+    # A torchvision that needs more of torch._dynamo than the stand-in has: its first import fails.
+    def find_spec(self, name, path, target=None):
+        stand_in = sys.modules.get("torch._dynamo")
+        if name == "torchvision.ops.roi_align" and stand_in is not None and not hasattr(stand_in, "config"):
+            raise ImportError("cannot import name 'config' from 'torch._dynamo'")
+        return None
+
+sys.meta_path.insert(0, NeedsMoreDynamo())
+from ssd_core.lazy_imports import import_torchvision
+
+torchvision = import_torchvision()  # falls back to a plain import, which loads the real torch._dynamo
+assert hasattr(sys.modules["torch._dynamo"], "config")
+boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 10.0, 10.0]])
+assert torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8]), 0.5).tolist() == [0]
+print("ok")
+"""
+
+
+def test_a_torchvision_the_stand_in_does_not_satisfy_gets_a_plain_import():
+    result = subprocess.run([sys.executable, "-c", FALLBACK_PROBE], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
 def test_already_imported_torchvision_is_returned_as_is():
     import torchvision
 
