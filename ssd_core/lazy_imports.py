@@ -2,7 +2,7 @@
 
 torchvision.ops.roi_align runs ``from torch._dynamo.utils import is_compile_supported`` when torchvision is
 imported, which loads all of torch._dynamo (sympy, FX symbolic shapes): 1.25 s of the 1.4 s torchvision
-import on the 2-core reference machine, in every process, for a function roi_align calls only inside its
+import on a 2-core CPU, in every process, for a function roi_align calls only inside its
 own forward (our models never call roi_align and never compile). `import_torchvision` imports torchvision
 while ``torch._dynamo.utils`` is a stand-in whose ``is_compile_supported`` imports the real one on first
 call, then removes the stand-ins, so a later ``import torch._dynamo`` (torch.compile, torch.export) loads

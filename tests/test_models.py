@@ -113,7 +113,7 @@ def test_foreign_state_dict_mismatch_lists_keys(tmp_path):
         build_model("ssd300_vgg16", weights=str(path))
 
 
-# -- NVIDIA SSD300 v1.1, rebuilt from its description (DESIGN.md section 3) ------------------------
+# -- NVIDIA SSD300 v1.1, rebuilt from DeepLearningExamples' published layout -----------------------
 
 class NvidiaSSD300(nn.Module):
     def __init__(self, label_num=81):
