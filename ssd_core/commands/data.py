@@ -1,4 +1,4 @@
-"""`ssd data ...`: write the synthetic dataset, summarise a COCO-format dataset."""
+"""`ssd data ...`: write the synthetic dataset, download COCO 2017, summarise a COCO-format dataset."""
 
 from __future__ import annotations
 
@@ -23,6 +23,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     synth.set_defaults(func=run_synth)
 
+    download = actions.add_parser("download", help="download a public dataset into the project's layout")
+    download.add_argument("name", choices=["coco"], help="dataset (coco: COCO 2017 images + instances)")
+    download.add_argument("--output", required=True, metavar="DIR", help="folder or s3:// prefix")
+    download.add_argument("--splits", nargs="+", choices=["train", "val"], default=["train", "val"],
+                          help="image splits (default: train val; the annotations always come)")
+    download.add_argument("--base-url", default=None, metavar="URL", help="a mirror of images.cocodataset.org")
+    download.add_argument("--staging-dir", default=None, metavar="DIR",
+                          help="where archives are unpacked before an s3:// upload (default: the temp dir)")
+    download.add_argument("--keep-archives", action="store_true", help="keep the zip files after extraction")
+    download.set_defaults(func=run_download)
+
     stats = actions.add_parser("stats", help="load a COCO-format split and print counts per class and scale")
     stats.add_argument(
         "root", help="dataset folder or s3:// prefix (annotations/instances_SPLIT.json, SPLIT/)"
@@ -36,6 +47,18 @@ def run_synth(args: argparse.Namespace) -> int:
 
     out = write_synthetic_dataset(args.out, args.num_train, args.num_val, seed=args.seed)
     print(f"wrote {args.num_train} train and {args.num_val} val images to {out}")
+    return 0
+
+
+def run_download(args: argparse.Namespace) -> int:
+    import logging
+
+    from ssd_core.data.download import COCO_BASE_URL, download_coco
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    output = download_coco(args.output, args.splits, base_url=args.base_url or COCO_BASE_URL,
+                           staging_dir=args.staging_dir, keep_archives=args.keep_archives)
+    print(f"COCO 2017 ({', '.join(args.splits)}) is in {output}")
     return 0
 
 

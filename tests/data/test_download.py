@@ -3,93 +3,27 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import threading
-import zipfile
+import subprocess
+import sys
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from file_server import FileServer, coco_server_files, make_zip
 
-from flows.download import (
+from ssd_core.data.download import (
     COCO_ARCHIVES,
     ChecksumError,
     DownloadError,
     UnsafeArchiveError,
     coco_layout,
+    download_coco,
     download_file,
     extract_zip,
+    fetch_archive,
+    retrying,
 )
-
-
-class FileServer:
-    """Serves ``files`` (path -> bytes) with Range support; can drop the first transfer of a path mid-body."""
-
-    def __init__(self, files: dict[str, bytes]) -> None:
-        self.files = files
-        self.drop_once: set[str] = set()
-        self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:  # keep pytest output clean
-                pass
-
-            def do_GET(self) -> None:
-                body = server.files.get(self.path)
-                server.requests.append((self.path, self.headers.get("Range")))
-                if body is None:
-                    self.send_error(404)
-                    return
-                start, status = 0, 200
-                if range_header := self.headers.get("Range"):
-                    start = int(range_header.removeprefix("bytes=").split("-")[0])
-                    if start >= len(body):
-                        self.send_response(416)
-                        self.send_header("Content-Range", f"bytes */{len(body)}")
-                        self.end_headers()
-                        return
-                    status = 206
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body) - start))
-                if status == 206:
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                self.end_headers()
-                payload = body[start:]
-                if self.path in server.drop_once:
-                    server.drop_once.discard(self.path)
-                    self.wfile.write(payload[: len(payload) // 3])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    self.connection.shutdown(2)  # mid-body: the client sees fewer bytes than announced
-                    return
-                self.wfile.write(payload)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self) -> FileServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def make_zip(entries: dict[str, bytes], symlinks: dict[str, str] | None = None) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, data in entries.items():
-            archive.writestr(name, data)
-        for name, target in (symlinks or {}).items():
-            info = zipfile.ZipInfo(name)
-            info.external_attr = (0o120777 << 16)  # S_IFLNK | 0777
-            archive.writestr(info, target)
-    return buffer.getvalue()
 
 
 @pytest.fixture
@@ -194,30 +128,12 @@ def test_official_archives_carry_known_sizes_and_md5s():
 # --------------------------------------------------------------------------- the flow
 
 
-def _coco_server_files(images: dict[str, list[str]]) -> dict[str, bytes]:
-    """A miniature COCO mirror: the three official archive paths with tiny contents."""
-    annotations = {
-        f"annotations/instances_{split}2017.json": json.dumps({"images": names}).encode()
-        for split, names in images.items()
-    }
-    files = {"/annotations/annotations_trainval2017.zip": make_zip(
-        {**annotations, "annotations/person_keypoints_val2017.json": b"{}"})}
-    for split, names in images.items():
-        files[f"/zips/{split}2017.zip"] = make_zip({f"{split}2017/{name}": name.encode() for name in names})
-    return files
-
-
-def test_flow_downloads_resumes_and_is_idempotent(tmp_path, prefect_harness, monkeypatch):
-    from flows import download
-
-    # The production backoff starts at seconds; the retry itself is what is under test.
-    monkeypatch.setattr(download, "fetch_archive", download.fetch_archive.with_options(retry_delay_seconds=0))
-
+def test_download_coco_resumes_retries_and_is_idempotent(tmp_path):
     images = {"train": ["1.jpg", "2.jpg"], "val": ["3.jpg"]}
-    with FileServer(_coco_server_files(images)) as server:
-        server.drop_once.add("/zips/train2017.zip")  # the task's retry resumes it
+    with FileServer(coco_server_files(images)) as server:
+        server.drop_once.add("/zips/train2017.zip")  # the retry resumes it
         out = tmp_path / "coco"
-        download.download_coco(output=str(out), base_url=server.url)
+        download_coco(str(out), base_url=server.url, fetch=retrying(fetch_archive, first_delay_s=0))
         assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()
                       and not p.relative_to(out).as_posix().startswith("_download/")) == [
             "annotations/instances_train.json", "annotations/instances_val.json",
@@ -232,27 +148,30 @@ def test_flow_downloads_resumes_and_is_idempotent(tmp_path, prefect_harness, mon
         assert leftovers == []  # archives removed after extraction
 
         fetched = len(server.requests)
-        download.download_coco(output=str(out), base_url=server.url)
+        download_coco(str(out), base_url=server.url)
         assert len(server.requests) == fetched  # idempotent: nothing fetched again
 
 
-def test_flow_uploads_the_layout_to_s3(tmp_path, prefect_harness, s3_bucket):
-    import boto3
+def test_unsafe_archive_is_not_retried(tmp_path):
+    calls = []
 
-    from flows.download import download_coco
+    def extract(archive_path, target):
+        calls.append(archive_path)
+        raise UnsafeArchiveError("bad entry")
 
-    with FileServer(_coco_server_files({"val": ["3.jpg", "4.jpg"]})) as server:
-        output = f"s3://{s3_bucket}/coco"
-        download_coco(output=output, splits=["val"], base_url=server.url, staging_dir=str(tmp_path / "staging"))
-        requests_after_first_run = len(server.requests)
-        download_coco(output=output, splits=["val"], base_url=server.url, staging_dir=str(tmp_path / "staging"))
-        assert len(server.requests) == requests_after_first_run
+    with pytest.raises(UnsafeArchiveError):
+        retrying(extract, first_delay_s=0)("a.zip", str(tmp_path))
+    assert len(calls) == 1
 
-    listed = boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="coco/")
-    keys = sorted(item["Key"] for item in listed["Contents"])
-    assert keys == [
-        "coco/_download/annotations_trainval2017.zip.json", "coco/_download/val2017.zip.json",
-        "coco/annotations/instances_val.json", "coco/val/3.jpg", "coco/val/4.jpg",
-    ]
-    # Staging holds nothing once uploaded (no archives, no extracted copies).
-    assert not [p for p in (tmp_path / "staging").rglob("*") if p.is_file()]
+
+def test_cli_downloads_only_the_asked_split(tmp_path):
+    with FileServer(coco_server_files({"val": ["3.jpg"]})) as server:
+        out = tmp_path / "coco"
+        done = subprocess.run(
+            [sys.executable, "-m", "ssd_core.cli", "data", "download", "coco", "--output", str(out),
+             "--splits", "val", "--base-url", server.url], capture_output=True, text=True,
+        )
+        assert done.returncode == 0, done.stderr
+        assert not any(path == "/zips/train2017.zip" for path, _ in server.requests)
+    assert (out / "val" / "3.jpg").read_bytes() == b"3.jpg"
+    assert (out / "annotations" / "instances_val.json").exists()
