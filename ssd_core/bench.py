@@ -194,9 +194,9 @@ def bench_train(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int
 
 
 def _clone_with_precision(model, precision: str):
-    import copy
+    from ssd_core.inference import optimize_for_inference
 
-    return copy.deepcopy(model).set_precision(precision)
+    return optimize_for_inference(model, precision)
 
 
 def _clone_channels_last(model):

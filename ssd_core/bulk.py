@@ -375,6 +375,12 @@ def _load_model(config: DetectConfig):
     return model.eval()
 
 
+def _inference_model(config: DetectConfig, device):
+    from ssd_core.inference import optimize_for_inference
+
+    return optimize_for_inference(_load_model(config), device=device)
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """What the CPU tasks need to resize and normalise exactly as ``model.preprocess`` does."""
@@ -479,7 +485,7 @@ class _Detector:
         tune_allocator()
         torch.set_num_threads(max(1, config.threads_per_actor))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = _load_model(config).to(self.device)
+        self.model = _inference_model(config, self.device)
         self.config, self.owns_blocks = config, owns_blocks
         # Everything loaded so far (torch, torchvision, the model) lives as long as the process: keep it
         # out of the collector. Besides shorter full collections, it makes the actor's exit quick: without

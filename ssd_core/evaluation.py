@@ -257,6 +257,7 @@ def predict_dataset(model: Any, dataset: Any, *, batch_size: int = 8, workers: i
     from tqdm.auto import tqdm
 
     from ssd_core.data import detections_to_coco_results, make_loader
+    from ssd_core.inference import optimize_for_inference
 
     label_map = model_label_to_category_id(getattr(model, "class_names", None), dataset)
     subset = dataset if max_images is None else Subset(dataset, range(min(max_images, len(dataset))))
@@ -264,12 +265,13 @@ def predict_dataset(model: Any, dataset: Any, *, batch_size: int = 8, workers: i
     device = _model_device(model)
     was_training = model.training
     model.eval()
+    runner = optimize_for_inference(model) if hasattr(model, "precision") else model
     results: list[dict] = []
     image_ids: list[int] = []
     try:
         with torch.inference_mode():
             for images, targets in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
-                outputs = model([image.to(device, non_blocking=True) for image in images])
+                outputs = runner([image.to(device, non_blocking=True) for image in images])
                 outputs = [_to_file_pixels(out, image, target) for out, image, target in zip(outputs, images, targets)]
                 batch_ids = [int(target["image_id"]) for target in targets]
                 results.extend(det for det in detections_to_coco_results(outputs, batch_ids, label_map)

@@ -10,13 +10,11 @@ background.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ssd_core.anchors import DefaultBoxes
 from ssd_core.boxes import scale_boxes
@@ -123,82 +121,14 @@ def preprocess_images(
     return batch, original
 
 
-def fold_batchnorm(module: nn.Module) -> nn.Module:
-    """Fold every eval-mode BatchNorm2d into the Conv2d right before it (in a Sequential, or a
-    ResNet bottleneck's convN/bnN pairs), in place: one pass over the activations less."""
-    for parent in module.modules():
-        if isinstance(parent, nn.Sequential):
-            names = list(parent._modules)
-            for first, second in zip(names[:-1], names[1:]):
-                conv, bn = parent._modules[first], parent._modules[second]
-                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                    parent._modules[first] = fuse_conv_bn_eval(conv, bn)
-                    parent._modules[second] = nn.Identity()
-        for index in (1, 2, 3):
-            conv, bn = getattr(parent, f"conv{index}", None), getattr(parent, f"bn{index}", None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                setattr(parent, f"conv{index}", fuse_conv_bn_eval(conv, bn))
-                setattr(parent, f"bn{index}", nn.Identity())
-    return module
-
-
-# oneDNN post-op (name, scalars) for activations a convolution can apply as it writes its output.
-_POST_OPS: dict[type, tuple[str, list[float]]] = {
-    nn.ReLU: ("relu", []),
-    nn.ReLU6: ("hardtanh", [0.0, 6.0]),
-    nn.Hardswish: ("hardswish", []),
-}
-
-
-def _fused_conv_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-
-
-class FusedConvActivation(nn.Module):
-    """A Conv2d and the activation after it as one oneDNN call on CPU (the activation applied while
-    the output is written: one pass over it less); elsewhere the two modules as they were."""
-
-    def __init__(self, conv: nn.Conv2d, activation: nn.Module) -> None:
-        super().__init__()
-        self.conv, self.activation = conv, activation
-        self.attr, self.scalars = _POST_OPS[type(activation)]
-        self.fused = _fused_conv_available()
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.fused and x.device.type == "cpu" and not torch.jit.is_tracing():
-            conv = self.conv
-            # Autocast does not know this op: cast as it would for the convolution.
-            return torch.ops.mkldnn._convolution_pointwise(
-                x.to(conv.weight.dtype), conv.weight, conv.bias, list(conv.padding), list(conv.stride),
-                list(conv.dilation), conv.groups, self.attr, self.scalars, None,
-            )
-        return self.activation(self.conv(x))
-
-
-def fuse_conv_activation(module: nn.Module) -> nn.Module:
-    """Replace, in place, every Conv2d followed in a Sequential by ReLU, ReLU6 or Hardswish (Identity
-    left by `fold_batchnorm` in between is skipped) with a `FusedConvActivation`. For inference."""
-    for parent in module.modules():
-        if not isinstance(parent, nn.Sequential):
-            continue
-        names = [name for name, child in parent._modules.items() if not isinstance(child, nn.Identity)]
-        for first, second in zip(names[:-1], names[1:]):
-            conv, activation = parent._modules[first], parent._modules[second]
-            if (isinstance(conv, nn.Conv2d) and type(activation) in _POST_OPS and conv.padding_mode == "zeros"
-                    and not isinstance(conv.padding, str)):
-                parent._modules[first] = FusedConvActivation(conv, activation)
-                parent._modules[second] = nn.Identity()
-    return module
-
-
 class SSD(nn.Module):
     """Single Shot MultiBox Detector assembled from its parts.
 
     backbone: module returning a list of feature maps (and listing `out_channels`);
     default_boxes: the tiling over those maps; head: {"cls_logits", "bbox_regression"} per box.
     `size` (H, W) is the fixed input; `image_mean` / `image_std` normalise 0..1 pixels for the
-    backbone. `precision` (fp32 | bf16 | fp16 | auto) is what forward runs in; losses and
-    post-processing always run in fp32.
+    backbone. `precision` (fp32 | bf16 | fp16 | auto) is what forward runs in (autocast); losses and
+    post-processing always run in fp32. For fast inference see `ssd_core.inference.optimize_for_inference`.
     """
 
     def __init__(
@@ -252,24 +182,6 @@ class SSD(nn.Module):
     def effective_precision(self, device: torch.device | str) -> str:
         return resolve_precision(self.precision, device)
 
-    def _inference_modules(self, precision: str) -> tuple[nn.Module, nn.Module]:
-        """Backbone and head for low-precision inference: BatchNorm folded into the convolutions
-        before it, each activation fused into the convolution before it, weights cast once to bf16/fp16
-        in channels_last. Cached until any parameter or buffer of the model changes (an optimizer step,
-        load_state_dict, .to())."""
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        tensors = [*self.parameters(), *self.buffers()]
-        key = (dtype, tuple((t.data_ptr(), t._version) for t in tensors))
-        cache = getattr(self, "_inference_cache", None)
-        if cache is None or cache[0] != key:
-            modules = []
-            for module in (self.backbone, self.head):
-                module = fuse_conv_activation(fold_batchnorm(copy.deepcopy(module).eval()))
-                modules.append(module.to(dtype=dtype, memory_format=torch.channels_last).requires_grad_(False))
-            cache = (key, tuple(modules))
-            object.__setattr__(self, "_inference_cache", cache)  # not a submodule: never saved or trained
-        return cache[1]
-
     # -- stages --------------------------------------------------------------------------------
     def preprocess(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Validated, normalised and resized batch [B, 3, H, W] plus original sizes [B, 2]."""
@@ -287,14 +199,8 @@ class SSD(nn.Module):
         if precision != "fp32":
             batch = batch.contiguous(memory_format=torch.channels_last)
         with autocast(precision, batch.device):
-            if precision != "fp32" and not self.training and not torch.jit.is_tracing():
-                # Inference: folded, pre-cast weights rather than autocast recasting all of them per call.
-                backbone, head = self._inference_modules(precision)
-                features = backbone(batch)
-                head_outputs = head(features)
-            else:
-                features = self.backbone(batch)
-                head_outputs = self.head(features)
+            features = self.backbone(batch)
+            head_outputs = self.head(features)
         head_outputs = {k: v.float() for k, v in head_outputs.items()}
         return head_outputs, self.anchors(features)
 

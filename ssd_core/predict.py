@@ -66,7 +66,8 @@ def load_detector(
     score_threshold: float | None = None,
     device: str = "auto",
 ) -> SSD:
-    """The model of ``weights`` in eval mode on ``device`` ("auto": CUDA if available, else CPU).
+    """The model of ``weights`` optimised for inference (`optimize_for_inference`) on ``device``
+    ("auto": CUDA if available, else CPU).
 
     ``weights``: one of our checkpoints (architecture and class names come from it), or with ``arch``
     a torchvision / NVIDIA state_dict that does not name its architecture. ``score_threshold``
@@ -76,6 +77,7 @@ def load_detector(
     import torch
 
     from ssd_core import build_model, load_model
+    from ssd_core.inference import optimize_for_inference
 
     if not weights:
         raise ValueError(
@@ -110,7 +112,7 @@ def load_detector(
         model.postprocess_config = replace(model.postprocess_config, score_thresh=float(score_threshold))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.eval().to(device)
+    return optimize_for_inference(model, device=device)
 
 
 def _first_size_mismatch(message: str) -> str:

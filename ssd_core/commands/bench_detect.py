@@ -120,6 +120,7 @@ def bench_detect(args: argparse.Namespace) -> dict[str, Any]:
     from ssd_core.allocator import tune_allocator
     from ssd_core.bench import _torchvision_pair
     from ssd_core.bulk import _init_ray, decode_image
+    from ssd_core.inference import optimize_for_inference
 
     tune_allocator()  # as the pipeline's actors do: the model-only and naive figures get it too
     with tempfile.TemporaryDirectory(prefix="ssd-bench-detect-") as tmp:
@@ -139,8 +140,8 @@ def bench_detect(args: argparse.Namespace) -> dict[str, Any]:
         tv_model.eval()
         weights = work / "weights.pt"
         torch.save(tv_model.state_dict(), weights)
-        model = build_model(args.arch, weights=str(weights), precision=args.precision,
-                            score_thresh=args.score_threshold).eval()
+        model = optimize_for_inference(build_model(args.arch, weights=str(weights), precision=args.precision,
+                                                   score_thresh=args.score_threshold))
         batches, sizes = [], []
         model_paths = paths[: args.model_images]
         for start in range(0, len(model_paths), args.batch_size):
