@@ -42,6 +42,7 @@ from ssd_core.checkpoint import (
     restore_rng_state,
     write_checkpoint,
 )
+from ssd_core.precision import resolve_device
 from ssd_core.storage import atomic_write_bytes, exists, is_s3, join_uri
 
 log = logging.getLogger(__name__)
@@ -167,14 +168,6 @@ class TrainConfig:
 
 
 # -- where the loop runs ---------------------------------------------------------------------------
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but no CUDA device is available")
-    return torch.device(device)
 
 
 class Runtime:

@@ -1,4 +1,4 @@
-"""Which numeric precision a model runs in, and the autocast context for it."""
+"""Where a model runs and in which numeric precision: `resolve_device`, `resolve_precision`, `autocast`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,16 @@ from collections.abc import Iterator
 import torch
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto": the first CUDA device if there is one, else the CPU; "cuda" without one is an error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' asked for, but no CUDA device is available")
+    return device
 
 
 @functools.cache

@@ -74,10 +74,10 @@ def load_detector(
     replaces the model's post-processing threshold (detections at or below it are dropped).
     Errors name the file: missing, not a detector, another architecture, classes that do not fit.
     """
-    import torch
 
     from ssd_core import build_model, load_model
     from ssd_core.inference import optimize_for_inference
+    from ssd_core.precision import resolve_device
 
     if not weights:
         raise ValueError(
@@ -110,9 +110,7 @@ def load_detector(
         if not 0.0 <= score_threshold < 1.0:
             raise ValueError(f"score threshold must be in [0, 1), got {score_threshold}")
         model.postprocess_config = replace(model.postprocess_config, score_thresh=float(score_threshold))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return optimize_for_inference(model, device=device)
+    return optimize_for_inference(model, device=resolve_device(device))
 
 
 def _first_size_mismatch(message: str) -> str:

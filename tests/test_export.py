@@ -77,7 +77,9 @@ def _check_against_eager(arch, expected, boxes, scores, labels, counts) -> None:
         distance = np.abs(boxes[b, :n, None, :] - eager["boxes"].numpy()[None]).max(-1)  # [n, n]
         match = distance.argmin(1)
         assert sorted(match.tolist()) == list(range(n)), f"{arch} image {b}: not one-to-one"
-        np.testing.assert_allclose(boxes[b, :n], eager["boxes"].numpy()[match], atol=1e-3, rtol=0)
+        # Boxes in pixels: the runtimes' kernels differ by up to ~2e-3 px on AVX2 CPUs (exp of the decoded
+        # sizes amplifies the logit difference); a hundredth of a pixel still catches any real mistake.
+        np.testing.assert_allclose(boxes[b, :n], eager["boxes"].numpy()[match], atol=1e-2, rtol=0)
         np.testing.assert_allclose(scores[b, :n], eager["scores"].numpy()[match], atol=5e-5, rtol=0)
         np.testing.assert_array_equal(labels[b, :n], eager["labels"].numpy()[match])
         # Padding rows are empty.
