@@ -64,11 +64,10 @@ worker: export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
 worker: setup
 	$(BIN)/prefect worker start --pool $(PREFECT_POOL) --type process
 
-# Registers every deployment in prefect.yaml with the server: `prefect --no-prompt deploy` one deployment
-# at a time (flows/deploy.py says why not --all with this lock), verified through the API.
+# Registers every deployment in prefect.yaml with the server (creating the pool if no worker has yet).
 deploy: export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
 deploy: setup
 	$(BIN)/prefect work-pool inspect $(PREFECT_POOL) >/dev/null 2>&1 || \
 	  $(BIN)/prefect work-pool create $(PREFECT_POOL) --type process
-	$(BIN)/python -m flows.deploy
+	$(BIN)/prefect --no-prompt deploy --all
 

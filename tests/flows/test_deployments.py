@@ -150,12 +150,18 @@ def test_deployments_run_end_to_end(stack, tmp_path):
                          cwd=tmp_path)
     stack.wait_healthy(server)
     stack.cli("work-pool", "create", "ssd-process", "--type", "process")
-    deploy = subprocess.run([sys.executable, "-m", "flows.deploy"], cwd=REPO, env=stack.env, capture_output=True,
-                            text=True, timeout=300)
-    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-    for name in ("train-ssd/train-ssd", "evaluate-ssd/evaluate-ssd", "detect-bucket/detect-bucket",
-                 "download-coco/download-coco"):
-        assert httpx.get(f"{stack.api}/deployments/name/{name}", timeout=30).status_code == 200, name
+    # Prefect's own command, as a user types it (`make deploy`); it stops non-zero at the first failure.
+    output = stack.cli("--no-prompt", "deploy", "--all", timeout=300)
+    names = {"train-ssd/train-ssd", "evaluate-ssd/evaluate-ssd", "detect-bucket/detect-bucket",
+             "download-coco/download-coco"}
+    text = " ".join(output.replace("│", " ").split())  # Rich panels: borders and wrapping
+    for name in names:
+        assert f"Deployment '{name}' successfully created" in text, output
+    registered = httpx.post(f"{stack.api}/deployments/filter", json={}, timeout=30).json()
+    flows = httpx.post(f"{stack.api}/flows/filter", json={}, timeout=30).json()
+    flow_names = {flow["id"]: flow["name"] for flow in flows}
+    assert {f"{flow_names[d['flow_id']]}/{d['name']}" for d in registered} == names
+    assert {d["work_pool_name"] for d in registered} == {"ssd-process"}
     scratch = tmp_path / "worker-cwd"
     scratch.mkdir()
     stack.start("worker", [PREFECT, "worker", "start", "--pool", "ssd-process", "--type", "process"], cwd=scratch)

@@ -74,6 +74,24 @@ def test_scalar_rows_keep_order_and_drop_nested_values():
                     {"name": "z", "value": 1}]
 
 
+def test_server_takes_the_null_paging_prefects_client_sends(prefect_harness):
+    """Prefect's client sends `"limit": null, "offset": null` for paging left at its default (`prefect deploy`
+    reads the pool's online workers that way after each deployment). The locked FastAPI must treat an explicit
+    null like a missing value (FastAPI 0.151 started to validate it, and the server answered 422)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
+
+    pool = "null-paging-check"
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
+        online = WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"]))
+        assert client.read_workers_for_work_pool(pool, worker_filter=online) == []
+        assert pool in {p.name for p in client.read_work_pools()}
+        client.send_worker_heartbeat(pool, "worker-a")
+        assert [w.name for w in client.read_workers_for_work_pool(pool)] == ["worker-a"]
+
+
 def test_prefect_yaml_declares_the_four_deployments_on_the_process_pool():
     from prefect.flows import load_flow_from_entrypoint
 
