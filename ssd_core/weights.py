@@ -291,7 +291,11 @@ def _mirror_uri(file_name: str) -> str | None:
     if not mirror:
         return None
     uri = join_uri(mirror, file_name)
-    return uri if exists(uri) else None
+    try:
+        return uri if exists(uri) else None
+    except Exception as exc:  # an unreachable mirror must not stop a download that would work
+        log.warning("weights mirror %s unreadable (%s); downloading instead", mirror, exc)
+        return None
 
 
 def _check_digest(digest: str, expected: str | None, what: str) -> None:

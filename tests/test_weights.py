@@ -338,3 +338,27 @@ def test_nvidia_published_format_downloads_and_loads(server, torch_home):
         assert torch.equal(value, model.state_dict()[key])
     assert torch.equal(model.state_dict()["backbone.features.0.weight"],
                        reference.state_dict()["feature_extractor.feature_extractor.0.weight"])
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+
+def test_cli_list_and_download_to_a_mirror(torch_home, tmp_path, capsys, ssdlite_state):
+    entry = W.get_weights("DEFAULT", "ssdlite320_mobilenet_v3_large")
+    seeded = _checkpoints(torch_home) / entry.file_name  # as if fetched before (no network here)
+    seeded.parent.mkdir(parents=True)
+    torch.save(ssdlite_state, seeded)
+
+    assert cli_main(["weights", "list"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip() and not line.startswith("(")}
+    assert set(rows) >= {e.full_name for e in W.REGISTRY}
+    assert rows[entry.full_name].rstrip().endswith("yes") and "21.3" in rows[entry.full_name]
+    assert rows["ssd300_vgg16.COCO_V1"].rstrip().endswith("no") and "25.1" in rows["ssd300_vgg16.COCO_V1"]
+    assert "no published COCO weights" in out and str(_checkpoints(torch_home)) in out
+
+    mirror = tmp_path / "mirror"
+    assert cli_main(["weights", "download", entry.full_name, "--to", str(mirror), "--no-progress"]) == 0
+    assert (mirror / entry.file_name).read_bytes() == seeded.read_bytes()
+    # The copy is usable as --weights directly.
+    assert build_model("ssdlite320_mobilenet_v3_large", weights=str(mirror / entry.file_name)).num_classes == 91
