@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     result = train_ssd(
         data=str(data), output=str(run), arch=args.arch, epochs=1000, batch_size=args.batch_size,
         workers=args.workers, size=[args.size], cpus_per_worker=max(1, (os.cpu_count() or 1) // args.workers),
+        weights_backbone="none",  # the demo trains from scratch, offline
         options={"time_budget_s": args.minutes * 60, "eval_every": 0, "workers": 1},
     )
     timings["train"] = time.perf_counter() - started

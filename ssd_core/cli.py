@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "ssd_core.commands.detect",
     "ssd_core.commands.query",
     "ssd_core.commands.bench",
+    "ssd_core.commands.weights",
 ]
 
 

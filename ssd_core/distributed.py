@@ -225,7 +225,8 @@ def fit_distributed(
         # next all-reduce; until the engine agrees on the stop across ranks, refuse rather than hang.
         raise ValueError("time_budget_s is not supported with more than one Ray worker; use max_steps or epochs")
     config = replace(config, data=_absolute(config.data), output=_absolute(config.output))
-    config.resolved(num_workers)  # configuration errors here, not in every worker
+    # Configuration and download errors here, not in every worker.
+    engine.prefetch_weights(config.resolved(num_workers))
     storage_path = _absolute(storage_path or join_uri(config.output, RAY_STORAGE_SUBDIR))
     run_name = run_name or os.path.basename(config.output.rstrip("/")) or "ssd"
     if resources_per_worker is None and not use_gpu:
@@ -311,6 +312,7 @@ def bench_train_workers(
             run_dir = join_uri(_absolute(base), f"workers-{count}")
             config = TrainConfig(
                 arch=arch, data=data, output=run_dir, epochs=steps + 1, max_steps=steps + 1, eval_every=0,
+                weights_backbone=None,  # throughput only: no download
                 batch_size=batch_size, precision=precision, workers=0, augment="none", warmup_iters=0,
                 log_every=1, loader_probe_batches=0, eval_max_images=1, progress=False,
                 model={"size": list(size)} if size else {},

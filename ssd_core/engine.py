@@ -113,6 +113,12 @@ class TrainConfig:
     log_every: int = 10  # steps between metrics.jsonl train records
     loader_probe_batches: int = 5  # batches timed to log loader throughput once per run; 0: skip
     model: dict[str, Any] = field(default_factory=dict)  # SSDConfig overrides, e.g. {"size": [256, 256]}
+    # Starting point (ssd_core.weights specs: registry name, path, s3:// or https:// URL). `weights`: a
+    # detector to fine-tune (other classes re-initialise its classification head); else the backbone
+    # `weights_backbone` ("DEFAULT": the architecture's ImageNet backbone; None or "none": from scratch).
+    weights: str | None = None
+    weights_backbone: str | None = "DEFAULT"
+    trainable_backbone_layers: int | None = None  # None: all from scratch; pretrained VGG/ResNet 4, MobileNets 6
     device: str = "auto"  # cpu | cuda | auto
     threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
     resume: bool = False
@@ -147,6 +153,9 @@ class TrainConfig:
             values["milestones"] = sorted({max(1, round(f * self.epochs)) for f in recipe.milestones})
         if values["warmup_iters"] is None:
             values["warmup_iters"] = recipe.warmup_iters  # capped at one epoch once its length is known
+        for name in ("weights", "weights_backbone"):
+            if isinstance(values[name], str) and values[name].strip().lower() in ("", "none"):
+                values[name] = None
         config = TrainConfig.from_dict(values)
         config.validate()
         return config
@@ -588,13 +597,34 @@ def build_datasets(config: TrainConfig, size: tuple[int, int]) -> tuple[Dataset,
 
 
 def build_model_for(config: TrainConfig, class_names: list[str], payload: dict[str, Any] | None) -> nn.Module:
-    """A fresh model for the dataset's classes, or the one in a resumed checkpoint."""
-    from ssd_core.zoo import build_model, model_from_checkpoint
+    """A model for the dataset's classes, from `config.weights` / `config.weights_backbone` (or
+    scratch), or the one in a resumed checkpoint (with the same layers frozen)."""
+    from ssd_core.zoo import build_model, default_trainable_layers, model_from_checkpoint, resolve_config
 
+    trainable = config.trainable_backbone_layers
+    if trainable is None:
+        pretrained = config.weights is not None or config.weights_backbone is not None
+        trainable = default_trainable_layers(resolve_config(config.arch, config.model), pretrained=pretrained)
     if payload is not None:
-        return model_from_checkpoint(payload, precision=config.precision, source="resumed checkpoint")
+        return model_from_checkpoint(payload, precision=config.precision, source="resumed checkpoint",
+                                     trainable_backbone_layers=trainable)
     return build_model(config.arch, num_classes=len(class_names), class_names=class_names,
-                       precision=config.precision, **config.model)
+                       weights=config.weights, weights_backbone=config.weights_backbone,
+                       trainable_backbone_layers=trainable, precision=config.precision, progress=config.progress,
+                       **config.model)
+
+
+def prefetch_weights(config: TrainConfig) -> None:
+    """Fetch the run's starting weights into this machine's cache before workers start (a download
+    failure is one line here, and local workers read the cache). Nothing to fetch when resuming."""
+    from ssd_core.weights import weights_file
+
+    if exists(join_uri(config.output, "last.pt")):
+        return
+    if config.weights is not None:
+        weights_file(config.weights, config.arch, progress=config.progress)
+    elif config.weights_backbone is not None:
+        weights_file(config.weights_backbone, config.arch, backbone=True, progress=config.progress)
 
 
 def checkpoint_payload(

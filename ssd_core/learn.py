@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 LEARN_RECIPE: dict[str, Any] = {
     "arch": "ssdlite320_mobilenet_v3_large",
+    "weights_backbone": None,  # from scratch: the benchmark measures learning, and runs offline
     "model": {"size": [224, 224], "min_ratio": 0.1, "max_ratio": 0.9},
     "batch_size": 32,
     "lr": 0.15,

@@ -84,7 +84,10 @@ def load_detector(
             "no weights given: pass --weights with a checkpoint from `ssd train` (RUN_DIR/last.pt), or a "
             "torchvision/NVIDIA SSD state_dict together with --arch"
         )
-    if "://" not in str(weights) and not Path(weights).is_file():
+    from ssd_core.weights import get_weights
+
+    named = arch is not None and get_weights(weights, arch) is not None  # a registry name (ssd weights list)
+    if "://" not in str(weights) and not named and not Path(weights).is_file():
         raise FileNotFoundError(f"weights file not found: {weights}")
     try:
         if arch:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import pickle
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -55,6 +56,7 @@ class SSDConfig:
     iou_threshold: float = 0.5
     neg_to_pos_ratio: float = 3.0
     max_trainable_layers: int = 5
+    reduced_tail: bool | None = None  # MobileNetV3 only; None: reduced unless its backbone is pretrained
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -140,17 +142,23 @@ def list_models() -> list[str]:
 
 
 def _load_state_file(path: str) -> Any:
-    """torch.load(weights_only=True) of a local path or any fsspec URI (s3://...)."""
-    if "://" in str(path):
-        import fsspec
+    """torch.load(weights_only=True) of a local path or any URI storage.open_uri reads (s3://...).
 
-        with fsspec.open(str(path), "rb") as f:
-            buffer = io.BytesIO(f.read())
-        return torch.load(buffer, map_location="cpu", weights_only=True)
+    An unreadable file (truncated, corrupted, not a torch file) is a ValueError naming it."""
+    from ssd_core.storage import open_uri
+
     try:
+        if "://" in str(path):
+            with open_uri(str(path), "rb") as f:
+                buffer = io.BytesIO(f.read())
+            return torch.load(buffer, map_location="cpu", weights_only=True)
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"weights file not found: {path}") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"weights file {path} cannot be read ({first}); if it is a cached download, "
+                         "delete it to fetch it again") from None
 
 
 class _VGGFeatures(nn.Module):
@@ -159,6 +167,12 @@ class _VGGFeatures(nn.Module):
     def __init__(self, features: nn.Sequential) -> None:
         super().__init__()
         self.features = features
+
+
+def _reduced_tail(config: SSDConfig, weights_backbone: str | None) -> bool:
+    """Without pretrained weights MobileNetV3 uses the reduced tail (MobileNetV3 paper, table 6), as
+    torchvision does; ImageNet weights need the full one."""
+    return config.reduced_tail if config.reduced_tail is not None else weights_backbone is None
 
 
 def _make_backbone(config: SSDConfig, weights_backbone: str | None, trainable_layers: int) -> nn.Module:
@@ -184,8 +198,7 @@ def _make_backbone(config: SSDConfig, weights_backbone: str | None, trainable_la
         return extractor
     norm_layer = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
     if config.backbone == "mobilenet_v3_large":
-        # Without pretrained weights use the reduced tail (MobileNetV3 paper, table 6), as torchvision does.
-        net = tv_models.mobilenet_v3_large(norm_layer=norm_layer, reduced_tail=weights_backbone is None)
+        net = tv_models.mobilenet_v3_large(norm_layer=norm_layer, reduced_tail=_reduced_tail(config, weights_backbone))
     elif config.backbone == "mobilenet_v2":
         net = tv_models.mobilenet_v2(norm_layer=norm_layer)
     else:
@@ -206,15 +219,16 @@ def assemble(
     trainable_backbone_layers: int | None = None,
     class_names: list[str] | None = None,
     precision: str = "fp32",
+    pretrained: bool | None = None,
 ) -> SSD:
-    """Build an untrained SSD from a config."""
+    """Build an untrained SSD from a config (`weights_backbone`: a backbone weights file). `pretrained`
+    (default: whether `weights_backbone` is given) says whether weights will be loaded, which sets
+    the default number of trainable backbone layers."""
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
     if trainable_backbone_layers is None:
-        # A randomly initialised backbone must train entirely; a pretrained one keeps its first stages.
-        trainable_backbone_layers = config.max_trainable_layers if weights_backbone is None else (
-            4 if config.backbone in ("vgg16", "resnet50") else config.max_trainable_layers
-        )
+        pretrained = weights_backbone is not None if pretrained is None else pretrained
+        trainable_backbone_layers = default_trainable_layers(config, pretrained=pretrained)
     backbone = _make_backbone(config, weights_backbone, trainable_backbone_layers)
     boxes = DefaultBoxes(
         config.aspect_ratios, scales=config.scales, min_ratio=config.min_ratio, max_ratio=config.max_ratio,
@@ -226,7 +240,7 @@ def assemble(
     )
     if class_names is None:
         class_names = {91: COCO_91_NAMES, 81: COCO_81_NAMES}.get(num_classes)
-    return SSD(
+    model = SSD(
         backbone, boxes, head,
         size=config.size, num_classes=num_classes, image_mean=config.image_mean, image_std=config.image_std,
         iou_threshold=config.iou_threshold, neg_to_pos_ratio=config.neg_to_pos_ratio,
@@ -236,6 +250,19 @@ def assemble(
         ),
         precision=precision, arch=config.arch, class_names=class_names,
     )
+    # Choices made from the weights rather than the config, recorded so a checkpoint rebuilds the same shapes.
+    model.build_overrides = (
+        {"reduced_tail": _reduced_tail(config, weights_backbone)} if config.backbone == "mobilenet_v3_large" else {}
+    )
+    return model
+
+
+def default_trainable_layers(config: SSDConfig, *, pretrained: bool) -> int:
+    """torchvision's defaults: a randomly initialised backbone trains entirely; a pretrained VGG or
+    ResNet keeps its first stages frozen (4 trainable), MobileNets train all 6."""
+    if pretrained and config.backbone in ("vgg16", "resnet50"):
+        return 4
+    return config.max_trainable_layers
 
 
 def resolve_config(arch: str, overrides: dict[str, Any]) -> SSDConfig:
@@ -319,49 +346,105 @@ def _num_classes_in(state: dict[str, Tensor], config: SSDConfig) -> int:
     return int(state[key].shape[0]) // anchors0
 
 
+_CLASSIFICATION_HEAD = "head.classification_head."
+
+
+def _load_weights(model: SSD, state: dict[str, Tensor], source: str, found: int,
+                  found_names: list[str] | None = None) -> None:
+    """Load `state` (for `found` classes named `found_names`) into `model`. For other classes (count,
+    or names when both are known), everything but the classification head is loaded (strictly) and
+    the head keeps its fresh initialisation."""
+    same_names = found_names is None or list(found_names) == list(model.class_names)
+    if found == model.num_classes and same_names:
+        _load_strict(model, state, source)
+        return
+    kept = {k: v for k, v in state.items() if not k.startswith(_CLASSIFICATION_HEAD)}
+    result = model.load_state_dict(kept, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(_CLASSIFICATION_HEAD)]
+    if missing or result.unexpected_keys:
+        _load_strict(model, kept, source)  # raises, naming the keys
+    log.info("classification head re-initialised: %d -> %d classes%s", found, model.num_classes,
+             "" if found != model.num_classes else " (other class names)")
+
+
+def _nvidia_class_names(payload: dict[str, Any], num_classes: int) -> list[str] | None:
+    """NVIDIA's `label_map` ({0: "background", 1: "person", ...}) as a list, when it fits."""
+    label_map = payload.get("label_map")
+    if not isinstance(label_map, dict) or len(label_map) != num_classes - (0 not in label_map):
+        return None
+    names = [str(label_map.get(i, "__background__")) for i in range(num_classes)]
+    names[0] = "__background__"
+    return names
+
+
 def build_model(
     arch: str,
     *,
-    num_classes: int | None = 91,
-    weights: str | None = None,
-    weights_backbone: str | None = None,
+    num_classes: int | None = None,
+    weights: Any = None,
+    weights_backbone: Any = None,
     precision: str = "fp32",
     trainable_backbone_layers: int | None = None,
     class_names: list[str] | None = None,
+    progress: bool = True,
     **overrides: Any,
 ) -> SSD:
-    """Build `arch` (see `list_models()`), optionally loading `weights` (a local path or s3:// URI to
-    an ssd_core checkpoint, a torchvision SSD state_dict of the same architecture, or an NVIDIA SSD300
-    checkpoint; the format is detected). Weights fix num_classes; passing a different one is an error.
-    `overrides` edit the variant's SSDConfig (e.g. score_thresh=0.05, size=(256, 256))."""
-    if weights is None:
+    """Build `arch` (see `list_models()`).
+
+    `weights` and `weights_backbone` are weights specs (see ssd_core.weights): a registry name
+    ("DEFAULT", "COCO_V1", "IMAGENET1K_V2"...), a torchvision weights enum member, or a local path,
+    s3:// URI or http(s):// URL. A weights file is an ssd_core checkpoint, a torchvision SSD
+    state_dict of the same architecture or an NVIDIA SSD300 checkpoint; the format is detected.
+    `weights_backbone` is ignored when `weights` is given (as in torchvision).
+
+    `num_classes` (background included) defaults to the weights' (91 without weights); a different
+    count keeps every weight but the classification head, which is re-initialised (fine-tuning).
+    `class_names` default to the weights' categories. `overrides` edit the variant's SSDConfig
+    (e.g. score_thresh=0.05, size=(256, 256))."""
+    from ssd_core.weights import is_none, resolve
+
+    if is_none(weights):
         config = resolve_config(arch, overrides)
+        backbone_file = None
+        if not is_none(weights_backbone):
+            backbone_file, _ = resolve(weights_backbone, arch, backbone=True, progress=progress)
         return assemble(
-            config, num_classes or 91, weights_backbone=weights_backbone,
+            config, num_classes or 91, weights_backbone=backbone_file,
             trainable_backbone_layers=trainable_backbone_layers, class_names=class_names, precision=precision,
         )
-    payload = _load_state_file(weights)
+    if not is_none(weights_backbone):
+        log.debug("weights given: weights_backbone %s not used", weights_backbone)
+    path, entry = resolve(weights, arch, progress=progress)
+    source = entry.full_name if entry is not None else str(path)
+    payload = _load_state_file(path)
     kind = detect_weights_format(payload)
     if kind == "ssd_core":
         if payload["arch"] != arch:
-            raise ValueError(f"checkpoint {weights} is a {payload['arch']} model, not {arch}")
-        return model_from_checkpoint(payload, precision=precision, source=str(weights), num_classes=num_classes,
-                                     trainable_backbone_layers=trainable_backbone_layers)
+            raise ValueError(f"checkpoint {source} is a {payload['arch']} model, not {arch}")
+        return model_from_checkpoint(payload, precision=precision, source=source, num_classes=num_classes,
+                                     trainable_backbone_layers=trainable_backbone_layers,
+                                     class_names=class_names, pretrained=True)
+    config = resolve_config(arch, overrides)
     if kind == "nvidia":
         if arch != "ssd300_resnet50":
-            raise ValueError(f"{weights} is an NVIDIA SSD300-ResNet50 checkpoint; use arch ssd300_resnet50, not {arch}")
+            raise ValueError(f"{source} is an NVIDIA SSD300-ResNet50 checkpoint; use arch ssd300_resnet50, not {arch}")
         state = nvidia_to_ssd_core(payload.get("model", payload))
+        found = _num_classes_in(state, config)
+        weights_names = _nvidia_class_names(payload, found)
     else:
         state = _strip_prefix(payload, "module.")
-    config = resolve_config(arch, overrides)
-    found = _num_classes_in(state, config)
-    if num_classes not in (None, 91, found):
-        raise ValueError(f"weights {weights} have {found} classes, but num_classes={num_classes} was asked for")
+        found = _num_classes_in(state, config)
+        weights_names = None
+    if weights_names is None and entry is not None and entry.categories and len(entry.categories) == found:
+        weights_names = list(entry.categories)
+    target = num_classes or found
+    if class_names is None and target == found:
+        class_names = weights_names
     model = assemble(
-        config, found, trainable_backbone_layers=trainable_backbone_layers, class_names=class_names,
-        precision="fp32",
+        config, target, trainable_backbone_layers=trainable_backbone_layers, class_names=class_names,
+        precision="fp32", pretrained=True,
     )
-    _load_strict(model, state, str(weights))
+    _load_weights(model, state, source, found, weights_names)
     return model.set_precision(precision)
 
 
@@ -374,7 +457,7 @@ def checkpoint_payload(model: SSD, config_overrides: dict[str, Any] | None = Non
         "arch": model.arch,
         "num_classes": model.num_classes,
         "class_names": list(model.class_names),
-        "model_config": dict(config_overrides or {}),
+        "model_config": {**(config_overrides or {}), **getattr(model, "build_overrides", {})},
         "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }
 
@@ -382,17 +465,20 @@ def checkpoint_payload(model: SSD, config_overrides: dict[str, Any] | None = Non
 def model_from_checkpoint(
     payload: dict[str, Any], *, precision: str = "fp32", source: str = "checkpoint",
     num_classes: int | None = None, trainable_backbone_layers: int | None = None,
+    class_names: list[str] | None = None, pretrained: bool = False,
 ) -> SSD:
-    if num_classes not in (None, 91, payload["num_classes"]):
-        raise ValueError(
-            f"{source} has {payload['num_classes']} classes, but num_classes={num_classes} was asked for"
-        )
+    """Rebuild the model of one of our checkpoints; a different `num_classes` re-initialises the
+    classification head (fine-tuning), with `class_names` for the new classes."""
+    found = int(payload["num_classes"])
+    target = num_classes or found
+    if class_names is None and target == found:
+        class_names = payload.get("class_names")
     config = resolve_config(payload["arch"], payload.get("model_config") or {})
     model = assemble(
-        config, payload["num_classes"], class_names=payload.get("class_names"),
-        trainable_backbone_layers=trainable_backbone_layers,
+        config, target, class_names=class_names, trainable_backbone_layers=trainable_backbone_layers,
+        pretrained=pretrained,
     )
-    _load_strict(model, payload["model"], source)
+    _load_weights(model, payload["model"], source, found, payload.get("class_names"))
     return model.set_precision(precision)
 
 

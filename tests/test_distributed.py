@@ -64,7 +64,7 @@ def small_config(data: str, output: Path, **overrides) -> TrainConfig:
     values = dict(
         arch="ssdlite320_mobilenet_v3_large", data=data, output=str(output), epochs=2, batch_size=2,
         precision="fp32", augment="none", workers=0, seed=0, checkpoint_every=2, log_every=1,
-        loader_probe_batches=0, eval_batch_size=4, progress=False, model={"size": [96, 96]},
+        loader_probe_batches=0, eval_batch_size=4, progress=False, model={"size": [96, 96]}, weights_backbone=None,
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -113,6 +113,7 @@ def test_one_ddp_step_matches_one_process_on_the_same_samples(ray_cluster, synth
         arch="ssd300_vgg16", data=synth_data, output=str(tmp_path / "run"), epochs=1, batch_size=per_worker,
         lr=0.01, momentum=0.9, weight_decay=5e-4, warmup_iters=0, grad_clip=None, precision="fp32",
         augment="none", workers=0, seed=3, max_steps=1, loader_probe_batches=0, progress=False, model=SMALL_VGG,
+        weights_backbone=None,
     )
     result = fit_distributed(config, num_workers=2)
     assert result["world_size"] == 2 and result["step"] == 1

@@ -38,6 +38,7 @@ def tiny_config(data: Path, output: Path, **changes) -> TrainConfig:
         arch=ARCH, data=str(data), output=str(output), epochs=2, batch_size=4, lr=0.05, warmup_iters=3,
         precision="fp32", workers=0, seed=7, augment="ssd", model={"size": [96, 96]}, eval_every=0,
         eval_max_images=4, eval_batch_size=4, log_every=2, loader_probe_batches=0, progress=False, threads=1,
+        weights_backbone=None,
     )
     values.update(changes)
     return TrainConfig(**values)
@@ -264,7 +265,7 @@ def test_cli_train_writes_metrics_curves_and_checkpoints(tiny_data, tmp_path, ca
     code = main([
         "train", "--arch", ARCH, "--data", str(tiny_data), "--epochs", "1", "--batch-size", "4",
         "--output", str(run_dir), "--size", "96", "--precision", "fp32", "--loader-workers", "0",
-        "--eval-max-images", "4", "--no-progress",
+        "--eval-max-images", "4", "--no-progress", "--weights-backbone", "none",
     ])
     assert code == 0
     for name in ("config.json", "metrics.jsonl", "curves.png", "last.pt", "best.pt"):

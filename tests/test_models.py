@@ -97,8 +97,22 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     torch.testing.assert_close(a["boxes"], b["boxes"])
     with pytest.raises(ValueError, match="is a ssdlite320_mobilenet_v3_large model, not ssd300_vgg16"):
         build_model("ssd300_vgg16", weights=str(path))
-    with pytest.raises(ValueError, match="has 4 classes, but num_classes=7"):
-        build_model("ssdlite320_mobilenet_v3_large", weights=str(path), num_classes=7)
+    # Another class count fine-tunes: every weight but the classification head is kept.
+    names = ["__background__", *"abcdef"]
+    tuned = build_model("ssdlite320_mobilenet_v3_large", weights=str(path), num_classes=7, class_names=names)
+    assert tuned.num_classes == 7 and tuned.class_names == names
+    before, after = model.state_dict(), tuned.state_dict()
+    kept = [k for k in after if not k.startswith("head.classification_head.")]
+    assert kept and all(torch.equal(before[k], after[k]) for k in kept)
+    assert after["head.classification_head.module_list.0.1.weight"].shape[0] == 6 * 7  # 6 anchors x 7 classes
+    # The same count of other classes re-initialises the head too; the same names keep it.
+    head = "head.classification_head.module_list.0.1.weight"
+    renamed = build_model("ssdlite320_mobilenet_v3_large", weights=str(path), num_classes=4,
+                          class_names=["__background__", "x", "y", "z"])
+    assert not torch.equal(renamed.state_dict()[head], before[head])
+    same = build_model("ssdlite320_mobilenet_v3_large", weights=str(path), num_classes=4,
+                       class_names=["__background__", "a", "b", "c"])
+    assert torch.equal(same.state_dict()[head], before[head])
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         build_model("ssd300_vgg16", weights=str(tmp_path / "missing.pt"))
 

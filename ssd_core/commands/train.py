@@ -28,6 +28,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="DIR", help="dataset root (local or s3://) with "
                         "annotations/instances_{train,val}.json and {train,val}/")
     parser.add_argument("--output", required=True, metavar="RUN_DIR", help="run directory (local or s3://)")
+    parser.add_argument("--weights", default=None, metavar="W", help="start from these detector weights "
+                        "(fine-tuning): a registry name (DEFAULT, COCO_V1; see `ssd weights list`), a path, s3:// or "
+                        "https:// URL; other classes than the dataset's re-initialise the classification head")
+    parser.add_argument("--weights-backbone", default=None, metavar="W", help="backbone weights when --weights is "
+                        "not given: DEFAULT (the architecture's ImageNet backbone, the default), a registry name "
+                        "(IMAGENET1K_V2...), a path or URL, or none to train from scratch")
+    parser.add_argument("--trainable-backbone-layers", type=int, default=None, metavar="K",
+                        help="backbone stages that train (default: all from scratch; 4 for a pretrained VGG/ResNet)")
     parser.add_argument("--batch-size", type=int, default=None, metavar="B", help="images per step (per worker)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate for the total batch "
                         "(default: the architecture's recipe, scaled linearly with the batch)")
@@ -61,7 +69,8 @@ def config_from_args(args: argparse.Namespace, **defaults: Any) -> Any:
         "schedule": "schedule", "milestones": "milestones", "gamma": "gamma", "precision": "precision",
         "augment": "augment", "loader_workers": "workers", "seed": "seed", "device": "device",
         "eval_max_images": "eval_max_images", "epochs": "epochs", "checkpoint_every": "checkpoint_every",
-        "eval_every": "eval_every", "max_steps": "max_steps",
+        "eval_every": "eval_every", "max_steps": "max_steps", "weights": "weights",
+        "weights_backbone": "weights_backbone", "trainable_backbone_layers": "trainable_backbone_layers",
     }
     for arg_name, field_name in mapping.items():
         value = getattr(args, arg_name, None)

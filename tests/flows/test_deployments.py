@@ -168,7 +168,7 @@ def test_deployments_run_end_to_end(stack, tmp_path):
 
     train_id = stack.run_deployment(
         "train-ssd/train-ssd", data=str(data), output=str(run_dir), epochs=1, batch_size=2, workers=1,
-        size=[128], options={"max_steps_per_epoch": 2, "workers": 0, "eval_max_images": 2,
+        size=[128], weights_backbone="none", options={"max_steps_per_epoch": 2, "workers": 0, "eval_max_images": 2,
                              "loader_probe_batches": 0, "progress": False},
     )
     # A run that cannot succeed must end FAILED with its reason, not hang.

@@ -62,6 +62,11 @@ def test_train_config_maps_flow_parameters():
     assert (config.epochs, config.batch_size, config.resume, config.time_budget_s, config.workers) == (3, 4, True,
                                                                                                         60.0, 0)
     assert config.model == {"size": [256, 256]}
+    assert (config.weights, config.weights_backbone, config.trainable_backbone_layers) == (None, "DEFAULT", None)
+    tuned = train_config(arch="ssd300_vgg16", data="d", output="o", epochs=1, batch_size=1, resume=False,
+                         weights="COCO_V1", weights_backbone="none", trainable_backbone_layers=3)
+    assert (tuned.weights, tuned.weights_backbone, tuned.trainable_backbone_layers) == ("COCO_V1", "none", 3)
+    assert tuned.resolved().weights_backbone is None  # "none": from scratch
     with pytest.raises(ValueError, match="unknown training options: colour"):
         train_config(arch="a", data="d", output="o", epochs=1, batch_size=1, resume=False, options={"colour": 1})
 
