@@ -1,4 +1,4 @@
-"""SQL over bulk-detection outputs (see ``ssd_core.bulk``) with DuckDB.
+"""SQL over bulk-detection outputs (see ``ssd_core.bulk.ledger``) with DuckDB.
 
 Two views are defined over ``OUTPUT`` (local folder or ``s3://``):
 
@@ -54,7 +54,7 @@ def connect(output_uri: str, storage_options: Mapping[str, Any] | None = None):
     import duckdb
     import pyarrow as pa
 
-    from ssd_core.bulk import detections_schema, images_schema
+    from ssd_core.bulk.ledger import detections_schema, images_schema
 
     images = _dataset(output_uri, "images", images_schema(), storage_options)
     if images is None:

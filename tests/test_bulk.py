@@ -24,7 +24,8 @@ from PIL import Image, ImageOps
 from s3_server import FAKE_SECRET, moto_s3, ray_local, s3_bucket  # noqa: F401
 
 from ssd_core import bulk
-from ssd_core.bulk import ImageDecodeError, decode_image, detect_bucket, sniff_image
+from ssd_core.bulk import detect_bucket, listing
+from ssd_core.images import ImageDecodeError, decode_image, sniff_image
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = "ssdlite320_mobilenet_v3_large"
@@ -369,14 +370,14 @@ def test_incremental_runs_process_only_new_or_changed(local_run, checkpoint, tmp
 
 def test_object_deleted_between_listing_and_reading(tmp_path, checkpoint, monkeypatch, ray_local):  # noqa: F811
     write_tree(tmp_path / "in", {"keep.jpg": good_images()["photos/a.jpg"], "gone.jpg": good_images()["cmyk.jpg"]})
-    real_list = bulk.list_images
+    real_list = listing.list_images
 
     def list_then_delete(uri, storage_options=None):
         listing = real_list(uri, storage_options)
         (tmp_path / "in" / "gone.jpg").unlink()
         return listing
 
-    monkeypatch.setattr(bulk, "list_images", list_then_delete)
+    monkeypatch.setattr(listing, "list_images", list_then_delete)
     summary = detect_bucket(str(tmp_path / "in"), str(tmp_path / "out"), weights=str(checkpoint),
                             score_threshold=SCORE, precision="fp32", progress=False)
     assert (summary["ok"], summary["error"]) == (1, 1)

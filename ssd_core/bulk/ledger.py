@@ -1,0 +1,196 @@
+"""The two output tables of bulk detection, the ledger that makes it exactly-once, and the commit protocol.
+
+Under ``OUTPUT`` (zstd Parquet, Hive-partitioned by ``run_id``):
+
+- ``detections/run_id=R/block-<id>.parquet``: one row per box (``detections_schema``);
+- ``images/run_id=R/block-<id>.parquet``: one row per input object (``images_schema``). This table is
+  the ledger.
+
+A block's detections file is written first and its images file last, each atomically (local: temp file
++ rename; S3: one PUT), so a block counts as committed exactly when its images file exists. Readers only
+see detections whose ``(run_id, block_id)`` has an images file; a rerun deletes detections files left
+without one by a kill. The block id is a hash of the block's (image_uri, etag) pairs and the weights
+digest, so a retried task rewrites the same files. The ledger key is (image_uri, etag, size_bytes,
+weights_digest): a run processes only objects not yet in it. One writer per output at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from ssd_core import storage
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "LEDGER_KEY",
+    "detections_schema",
+    "images_schema",
+    "weights_digest",
+    "block_id_of",
+    "read_ledger",
+    "pending_objects",
+    "commit_block",
+    "remove_uncommitted",
+]
+
+LEDGER_KEY = ["image_uri", "etag", "size_bytes", "weights_digest"]
+
+
+def detections_schema():
+    """Schema of the files under ``detections/`` (``run_id`` comes from the Hive partition)."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("image_uri", pa.string()),
+            ("label", pa.int32()),
+            ("label_name", pa.string()),
+            ("score", pa.float32()),
+            ("x1", pa.float32()),
+            ("y1", pa.float32()),
+            ("x2", pa.float32()),
+            ("y2", pa.float32()),
+            ("image_width", pa.int32()),
+            ("image_height", pa.int32()),
+            ("model", pa.string()),
+            ("weights_digest", pa.string()),
+            ("block_id", pa.string()),
+        ]
+    )
+
+
+def images_schema():
+    """Schema of the files under ``images/`` (the ledger; ``run_id`` comes from the Hive partition)."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("image_uri", pa.string()),
+            ("size_bytes", pa.int64()),
+            ("etag", pa.string()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("num_detections", pa.int32()),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("model", pa.string()),
+            ("weights_digest", pa.string()),
+            ("block_id", pa.string()),
+            ("processed_at", pa.timestamp("us", tz="UTC")),
+        ]
+    )
+
+
+def weights_digest(weights: str | os.PathLike | None, arch: str | None, seed: int = 0,
+                   storage_options: Mapping[str, Any] | None = None) -> str:
+    """``sha256:<hex>`` of the weights file, or ``random-init-<arch>-<seed>`` without weights."""
+    if weights is None:
+        return f"random-init-{arch}-{seed}"
+    digest = hashlib.sha256()
+    with storage.open_uri(weights, "rb", storage_options) as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def block_id_of(image_uris, etags, weights_digest: str) -> str:
+    """Deterministic id of a block: a retried or re-run block with the same content gets the same files."""
+    digest = hashlib.sha256(weights_digest.encode())
+    for uri, etag in sorted(zip(image_uris, etags)):
+        digest.update(f"\n{uri}\t{etag}".encode())
+    return digest.hexdigest()[:20]
+
+
+# -------------------------------------------------------------------------------------- reading
+
+
+def _dataset(output_uri: str, table: str, storage_options: Mapping[str, Any] | None):
+    """pyarrow dataset over OUTPUT/<table> (Hive partitions), or None if nothing is there yet."""
+    import pyarrow.dataset as pads
+
+    fs, root = storage.pyarrow_filesystem_for(storage.join_uri(output_uri, table), storage_options)
+    try:
+        return pads.dataset(
+            root, filesystem=fs, format="parquet", partitioning="hive", exclude_invalid_files=False,
+            ignore_prefixes=[".", "_"],
+        )
+    except FileNotFoundError:
+        return None
+
+
+def read_ledger(output_uri: str, storage_options: Mapping[str, Any] | None = None, columns=None):
+    """Committed ``images/`` rows (every images file is a commit), or an empty table."""
+    import pyarrow as pa
+
+    dataset = _dataset(output_uri, "images", storage_options)
+    if dataset is None or not dataset.files:
+        columns = columns or LEDGER_KEY
+        schema = images_schema()
+        return pa.table({name: pa.array([], schema.field(name).type) for name in columns})
+    return dataset.to_table(columns=columns)
+
+
+def pending_objects(listing, ledger, digest: str):
+    """Listing rows whose (image_uri, etag, size_bytes, weights_digest) is not in the ledger."""
+    import pyarrow as pa
+
+    keyed = listing.append_column("weights_digest", pa.array([digest] * listing.num_rows, pa.string()))
+    done = ledger.select(LEDGER_KEY).group_by(LEDGER_KEY).aggregate([])
+    pending = keyed.join(done, keys=LEDGER_KEY, join_type="left anti")
+    return pending.drop_columns(["weights_digest"]).sort_by("image_uri")
+
+
+# -------------------------------------------------------------------------------------- writing
+
+
+def parquet_bytes(table, row_group_size: int = 256_000) -> bytes:
+    """``table`` as zstd Parquet bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd", row_group_size=row_group_size)
+    return sink.getvalue().to_pybytes()
+
+
+def commit_block(output_uri: str, run_id: str, block_id: str, detections, images,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write one block: its detections file, then its images file (the commit)."""
+    name = f"block-{block_id}.parquet"
+    partition = f"run_id={run_id}"
+    storage.atomic_write_bytes(
+        storage.join_uri(output_uri, "detections", partition, name), parquet_bytes(detections), storage_options,
+    )
+    # Written last: this file is the commit of the whole block.
+    storage.atomic_write_bytes(
+        storage.join_uri(output_uri, "images", partition, name), parquet_bytes(images), storage_options,
+    )
+
+
+def remove_uncommitted(output_uri: str, storage_options: Mapping[str, Any] | None = None) -> int:
+    """Delete detections files whose block has no images file (left by a killed run); returns how many."""
+    fs, root = storage.filesystem_for(output_uri, storage_options)
+    committed = {_block_key(path) for path in _parquet_files(fs, f"{root}/images")}
+    orphans = [path for path in _parquet_files(fs, f"{root}/detections") if _block_key(path) not in committed]
+    if orphans:
+        fs.rm(orphans)
+        log.info("removed %d uncommitted detections file(s) from an interrupted run", len(orphans))
+    return len(orphans)
+
+
+def _parquet_files(fs, root: str) -> list[str]:
+    try:
+        return [p for p in fs.find(root) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith(".")]
+    except FileNotFoundError:
+        return []
+
+
+def _block_key(path: str) -> tuple[str, str]:
+    """(run partition dir, file name) of a block file."""
+    parts = path.rstrip("/").split("/")
+    return parts[-2], parts[-1]
