@@ -63,22 +63,27 @@ def is_transient(task, task_run, state) -> bool:
 @task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5,
       retry_condition_fn=is_transient)
 def run_detection(input: str, output: str, arch: str | None, weights: str | None, batch_size: int,
-                  score_threshold: float, precision: str, num_actors: int | None) -> dict[str, Any]:
+                  score_threshold: float, precision: str, num_actors: int | None, min_actors: int | None = None,
+                  max_actors: int | None = None, num_gpus_per_actor: float | None = None) -> dict[str, Any]:
     from ssd_core.bulk import detect_bucket
 
     return detect_bucket(input, output, arch=arch, weights=weights, batch_size=batch_size,
                          score_threshold=score_threshold, precision=precision, num_actors=num_actors,
+                         min_actors=min_actors, max_actors=max_actors, num_gpus_per_actor=num_gpus_per_actor,
                          progress=False)
 
 
 @flow(name="detect-bucket", log_prints=True)
 def detect_bucket_flow(input: str, output: str, arch: str | None = None, weights: str | None = None,
                        batch_size: int = 16, score_threshold: float = 0.3, precision: str = "auto",
-                       num_actors: int | None = None, wait_seconds: float | None = 6 * 3600) -> dict[str, Any]:
+                       num_actors: int | None = None, min_actors: int | None = None, max_actors: int | None = None,
+                       num_gpus_per_actor: float | None = None,
+                       wait_seconds: float | None = 6 * 3600) -> dict[str, Any]:
     """Detect objects in every image under ``input`` (folder or s3://bucket/prefix) not yet processed
     with these weights, appending Parquet under ``output`` (``detections/``, ``images/``).
 
-    ``weights``: one of our checkpoints (``arch`` may then be omitted). ``wait_seconds``: how long to
+    ``weights``: one of our checkpoints (``arch`` may then be omitted). ``num_actors`` (fixed) or
+    ``min_actors`` / ``max_actors`` (autoscaling) and ``num_gpus_per_actor`` as for ``ssd detect``. ``wait_seconds``: how long to
     wait for another run on the same output to finish before failing (None: forever).
     """
     from prefect.concurrency.sync import concurrency
@@ -88,7 +93,8 @@ def detect_bucket_flow(input: str, output: str, arch: str | None = None, weights
     ensure_lock(lock)
     # strict: if the limit cannot be used, fail rather than write concurrently.
     with concurrency(lock, occupy=1, timeout_seconds=wait_seconds, strict=True):
-        summary = run_detection(input, output, arch, weights, batch_size, score_threshold, precision, num_actors)
+        summary = run_detection(input, output, arch, weights, batch_size, score_threshold, precision, num_actors,
+                                min_actors, max_actors, num_gpus_per_actor)
     publish_table("detect-bucket-summary", scalar_rows(summary, SUMMARY_ORDER),
                   f"bulk detection of {input} into {output}")
     logger.info("run %s: %d images seen, %d new, %d ok, %d error, %d detections",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-__all__ = ["init_ray"]
+__all__ = ["init_ray", "NodeResources", "cluster_nodes"]
 
 
 def init_ray(num_cpus: int | None = None, *, dashboard: bool = False) -> None:
@@ -28,3 +29,23 @@ def init_ray(num_cpus: int | None = None, *, dashboard: bool = False) -> None:
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  logging_level=logging.WARNING)
+
+
+@dataclass(frozen=True)
+class NodeResources:
+    """One alive node of the cluster and what it offers (totals, not what is free right now)."""
+
+    node_id: str
+    cpus: float
+    gpus: float
+
+
+def cluster_nodes() -> list[NodeResources]:
+    """The alive nodes of the connected cluster, from Ray's view of each node (not the driver's hardware)."""
+    import ray
+
+    return [
+        NodeResources(node["NodeID"], float(node["Resources"].get("CPU", 0)), float(node["Resources"].get("GPU", 0)))
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]

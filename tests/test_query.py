@@ -166,5 +166,5 @@ def test_an_empty_block_commits_nothing(tmp_path):
         class_names=CLASS_NAMES,
     )
     summary = write_block(_results(["s3://b/x.jpg", "s3://b/y.jpg"], 0).slice(0, 0), config=config)
-    assert summary.to_pylist() == [{"images": 0, "ok": 0, "error": 0, "detections": 0}]
+    assert summary.to_pylist() == [{"images": 0, "ok": 0, "error": 0, "detections": 0, "nodes": "{}"}]
     assert not list(tmp_path.rglob("*.parquet"))

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
+import io
+import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -18,7 +21,7 @@ from ssd_core import storage
 from ssd_core.bulk.ledger import block_id_of, commit_block, detections_schema, images_schema
 from ssd_core.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, sniff_image
 
-__all__ = ["DetectConfig", "load_model", "PreprocessSpec", "read_and_preprocess", "Detector", "write_block", "block_summary"]
+__all__ = ["DetectConfig", "build_detector", "PreprocessSpec", "read_and_preprocess", "Detector", "write_block", "block_summary"]
 
 DEFAULT_SEED = 0
 
@@ -42,10 +45,12 @@ class DetectConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     threads_per_actor: int = 1
     storage_options: dict[str, Any] = field(default_factory=dict)
-    preprocess_spec: Any = None  # picklable resize/normalise spec from the model (see _preprocessor_of)
+    preprocess_spec: Any = None  # PreprocessSpec: resize/normalise as the model does
+    # Plain JPEGs are decoded by the inference actors (nvjpeg on a GPU) instead of the read tasks.
+    decode_in_actor: bool = False
 
 
-def load_model(config: DetectConfig):
+def build_detector(config: DetectConfig):
     """The model for ``config`` in eval mode (random init is seeded, so every actor gets the same one)."""
     import torch
 
@@ -75,15 +80,25 @@ class PreprocessSpec:
     std: tuple[float, float, float]
 
     @classmethod
-    def of(cls, model) -> PreprocessSpec:
-        return cls(tuple(model.size), tuple(model.image_mean.tolist()), tuple(model.image_std.tolist()))
+    def of(cls, metadata) -> PreprocessSpec:
+        """From ``zoo.ModelMetadata`` (the model's own size, mean and std)."""
+        return cls(tuple(metadata.size), tuple(metadata.image_mean), tuple(metadata.image_std))
+
+    def mean_std_255(self, device=None):
+        """(mean, std) for 0..255 pixels: the model's x / 255 folded in."""
+        import torch
+
+        return (255.0 * torch.tensor(self.mean, device=device), 255.0 * torch.tensor(self.std, device=device))
 
 
 def read_and_preprocess(listing, *, config: DetectConfig) -> dict[str, np.ndarray]:
     """Ray task: listing rows (pyarrow) -> decoded, resized, normalised batch.
 
     Returns columns image_uri, size_bytes, etag, width, height, status, error and
-    pixels float32[B, 3, H, W] (zeros for error rows, which inference skips).
+    pixels float32[B, 3, H, W] (zeros for error rows, which inference skips). With
+    ``config.decode_in_actor``, plain JPEGs (RGB or grayscale, within ``max_pixels``) are not decoded here:
+    their bytes go in ``encoded`` and their EXIF orientation in ``orientation`` (their pixels stay zero),
+    for the inference actor to decode on its device (see ``Detector``); other rows have ``encoded`` b"".
     """
     import torch
 
@@ -98,7 +113,9 @@ def read_and_preprocess(listing, *, config: DetectConfig) -> dict[str, np.ndarra
     contents = fs.cat(paths, on_error="return") if paths else {}
 
     keep, widths, heights, statuses, errors = [], [], [], [], []
-    decoded: list[np.ndarray | None] = []  # uint8[H, W, 3], None for error rows
+    decoded: list[np.ndarray | None] = []  # uint8[H, W, 3], None for error rows and deferred JPEGs
+    encoded: list[bytes] = []  # deferred JPEGs' bytes, b"" otherwise
+    orientations: list[int] = []
     for index, (path, sniff) in enumerate(zip(paths, rows["sniff"])):
         data = contents.get(path, FileNotFoundError(path))
         if isinstance(data, BaseException):
@@ -107,11 +124,18 @@ def read_and_preprocess(listing, *, config: DetectConfig) -> dict[str, np.ndarra
             keep.append(index)
             widths.append(0), heights.append(0), statuses.append("error")
             errors.append(_read_error_message(data))
-            decoded.append(None)
+            decoded.append(None), encoded.append(b""), orientations.append(1)
             continue
         if sniff and sniff_image(data[:16]) is None:
             continue  # extension-less and not an image: not an input
         keep.append(index)
+        header = jpeg_header(data, config.max_pixels) if config.decode_in_actor else None
+        if header is not None:
+            (height, width), orientation = header
+            heights.append(height), widths.append(width), statuses.append("ok"), errors.append("")
+            decoded.append(None), encoded.append(data), orientations.append(orientation)
+            continue
+        encoded.append(b""), orientations.append(1)
         try:
             pixels = decode_image(data, max_pixels=config.max_pixels)
         except ImageDecodeError as exc:
@@ -126,13 +150,13 @@ def read_and_preprocess(listing, *, config: DetectConfig) -> dict[str, np.ndarra
     ok_index = [i for i, pixels in enumerate(decoded) if pixels is not None]
     # The model's own grouping, resize and normalisation, on 0..255 values (x / 255 folded into mean and
     # std): [3, H, W] views of the uint8 arrays stack into channels_last, so the float copy is the only one.
-    mean, std = 255.0 * torch.tensor(spec.mean), 255.0 * torch.tensor(spec.std)
+    mean, std = spec.mean_std_255()
     views = [torch.from_numpy(decoded[i]).permute(2, 0, 1) for i in ok_index]
     for group, stacked in group_by_shape(views):
         batch_rows = [ok_index[g] for g in group]
         batch[batch_rows] = resize_normalize(stacked.float(), spec.size, mean, std, normalize_first=False).numpy()
     take = np.asarray(keep, dtype=np.int64)
-    return {
+    columns = {
         "image_uri": np.asarray(uris, dtype=object)[take],
         "size_bytes": np.asarray(rows["size_bytes"], dtype=np.int64)[take],
         "etag": np.asarray(rows["etag"], dtype=object)[take],
@@ -142,6 +166,52 @@ def read_and_preprocess(listing, *, config: DetectConfig) -> dict[str, np.ndarra
         "error": np.asarray(errors, dtype=object),
         "pixels": batch,
     }
+    if config.decode_in_actor:
+        columns["encoded"] = np.array(encoded, dtype=object)
+        columns["orientation"] = np.asarray(orientations, dtype=np.int8)
+    return columns
+
+
+def jpeg_header(data: bytes, max_pixels: int) -> tuple[tuple[int, int], int] | None:
+    """((height, width) as displayed, EXIF orientation) of a JPEG that nvjpeg and torchvision decode as
+    ``decode_image`` would (baseline or progressive, RGB or grayscale, within ``max_pixels``); None for
+    anything else, which then takes the PIL path (CMYK, MPO, other formats, broken headers)."""
+    from PIL import Image
+
+    if sniff_image(data[:16]) != "jpeg" or not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return None  # not a JPEG, or truncated (no end-of-image marker): PIL reports it as decode_image does
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # the header only; nothing decoded
+            if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+                return None
+            width, height = image.size
+            orientation = int(image.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - whatever PIL raises on a broken header, decode_image reports it
+        return None
+    if width * height > max_pixels or orientation not in range(1, 9):
+        return None
+    return ((width, height) if orientation >= 5 else (height, width)), orientation
+
+
+def apply_orientation(image, orientation: int):
+    """uint8[C, H, W] as stored -> as displayed, for EXIF orientation 1..8 (PIL's ``exif_transpose``)."""
+    import torch
+
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-2, -1)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-2, -1)
+    if orientation == 6:
+        return torch.rot90(image, -1, dims=(-2, -1))
+    if orientation == 7:
+        return image.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:
+        return torch.rot90(image, 1, dims=(-2, -1))
+    return image
 
 
 def _read_error_message(exc: BaseException) -> str:
@@ -170,8 +240,9 @@ class Detector:
         tune_allocator()
         torch.set_num_threads(max(1, config.threads_per_actor))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_model(config).to(self.device)
+        self.model = build_detector(config).to(self.device)
         self.config, self.owns_blocks = config, owns_blocks
+        self.node_id = _ray_node_id()
         # Everything loaded so far (torch, torchvision, the model) lives as long as the process: keep it
         # out of the collector. Besides shorter full collections, it makes the actor's exit quick: without
         # it each actor spent ~2 s of CPU in the interpreter's final collection, on cores the next run
@@ -192,20 +263,28 @@ class Detector:
 
     def detect(self, batch: Mapping[str, np.ndarray]):
         """A preprocessed batch (see `read_and_preprocess`) -> results table: the image columns pass
-        through; adds list columns det_label, det_score and det_box (4 per box)."""
+        through (a deferred JPEG that fails to decode here becomes an error row); adds list columns
+        det_label, det_score and det_box (4 per box), and node_id (where the inference ran)."""
         import pyarrow as pa
         import torch
 
-        ok = batch["status"] == "ok"
+        status, error = batch["status"], batch["error"]
+        width, height = batch["width"], batch["height"]
+        pixels = batch["pixels"]
+        if "encoded" in batch and any(len(data) for data in batch["encoded"]):
+            pixels, status, error, width, height = self._decode_deferred(batch)
+        ok = status == "ok"
         count = len(ok)
         labels, scores, boxes = [], [], []
         counts = np.zeros(count, dtype=np.int32)
         if ok.any():
-            pixels = batch["pixels"]
-            if not (ok.all() and pixels.flags.writeable):
-                pixels = pixels[ok]  # a boolean index copies (into a writable array): once, and only if needed
-            pixels = torch.from_numpy(pixels).to(self.device)
-            sizes = torch.from_numpy(np.stack([batch["height"][ok], batch["width"][ok]], axis=1).astype(np.int64))
+            if isinstance(pixels, np.ndarray):
+                if not (ok.all() and pixels.flags.writeable):
+                    pixels = pixels[ok]  # a boolean index copies (into a writable array): once, and only if needed
+                pixels = torch.from_numpy(pixels).to(self.device)
+            else:
+                pixels = pixels[torch.from_numpy(ok).to(pixels.device)]
+            sizes = torch.from_numpy(np.stack([height[ok], width[ok]], axis=1).astype(np.int64))
             with torch.inference_mode():
                 outputs = self.model.detect(pixels, sizes)
             counts[ok] = [len(out["scores"]) for out in outputs]
@@ -221,22 +300,85 @@ class Detector:
                 "image_uri": pa.array(batch["image_uri"].tolist(), pa.string()),
                 "size_bytes": pa.array(batch["size_bytes"], pa.int64()),
                 "etag": pa.array(batch["etag"].tolist(), pa.string()),
-                "width": pa.array(batch["width"], pa.int32()),
-                "height": pa.array(batch["height"], pa.int32()),
-                "status": pa.array(batch["status"].tolist(), pa.string()),
-                "error": pa.array(batch["error"].tolist(), pa.string()),
+                "width": pa.array(width, pa.int32()),
+                "height": pa.array(height, pa.int32()),
+                "status": pa.array(status.tolist(), pa.string()),
+                "error": pa.array(error.tolist(), pa.string()),
                 "det_label": pa.ListArray.from_arrays(offsets, pa.array(label_values)),
                 "det_score": pa.ListArray.from_arrays(offsets, pa.array(score_values)),
                 "det_box": pa.ListArray.from_arrays(pa.array(offsets.to_numpy() * 4), pa.array(box_values)),
+                "node_id": pa.array([self.node_id] * count, pa.string()),
             }
         )
 
+    def _decode_deferred(self, batch: Mapping[str, np.ndarray]):
+        """Decode the batch's deferred JPEGs on the actor's device (nvjpeg on a GPU, libjpeg-turbo on a
+        CPU), orient, resize and normalise them there -> (pixels FloatTensor[B, 3, H, W] on the device,
+        status, error, width, height). A JPEG the batched decode rejects is decoded alone, then by PIL
+        (``decode_image``) as the read tasks would; one that PIL rejects too becomes an error row."""
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
 
-def block_summary(images: int, ok: int, detections: int):
-    """The one-row table a written block reports to the driver."""
+        from ssd_core.model import group_by_shape, resize_normalize
+
+        spec: PreprocessSpec = self.config.preprocess_spec
+        status, error = batch["status"].copy(), batch["error"].copy()
+        width, height = batch["width"].copy(), batch["height"].copy()
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)
+        rows = [i for i, data in enumerate(batch["encoded"]) if len(data)]
+        tensors = [torch.from_numpy(np.frombuffer(batch["encoded"][i], dtype=np.uint8).copy()) for i in rows]
+
+        def decode(items):
+            with warnings.catch_warnings():  # torchvision marks its decoders as moving to torchcodec
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return decode_jpeg(items, mode=ImageReadMode.RGB, device=self.device)
+
+        try:
+            images = decode(tensors)
+        except RuntimeError:  # one bad file fails the whole batched call
+            images = []
+            for tensor in tensors:
+                try:
+                    images.append(decode([tensor])[0])
+                except RuntimeError:
+                    images.append(None)
+        decoded, decoded_rows = [], []
+        for row, image in zip(rows, images):
+            if image is None:
+                try:
+                    image = torch.from_numpy(decode_image(batch["encoded"][row], max_pixels=self.config.max_pixels))
+                except ImageDecodeError as exc:
+                    status[row], error[row], width[row], height[row] = "error", str(exc), 0, 0
+                    continue
+                image = image.permute(2, 0, 1).to(self.device)  # already oriented by PIL
+            else:
+                image = apply_orientation(image, int(batch["orientation"][row]))
+            height[row], width[row] = image.shape[-2:]
+            decoded.append(image), decoded_rows.append(row)
+        mean, std = spec.mean_std_255(self.device)
+        for group, stacked in group_by_shape(decoded):
+            target = torch.tensor([decoded_rows[g] for g in group], device=self.device)
+            pixels[target] = resize_normalize(stacked.float(), spec.size, mean, std, normalize_first=False)
+        return pixels, status, error, width, height
+
+
+def _ray_node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - bookkeeping only
+        return ""
+
+
+def block_summary(images: int, ok: int, detections: int, nodes: Mapping[str, int] | None = None):
+    """The one-row table a written block reports to the driver; ``nodes``: images per Ray node id that
+    ran their inference (JSON)."""
     import pyarrow as pa
 
-    return pa.table({"images": [images], "ok": [ok], "error": [images - ok], "detections": [detections]})
+    return pa.table({"images": [images], "ok": [ok], "error": [images - ok], "detections": [detections],
+                     "nodes": [json.dumps(dict(nodes or {}))]})
 
 
 def write_block(results, *, config: DetectConfig):
@@ -290,4 +432,8 @@ def write_block(results, *, config: DetectConfig):
     )
     commit_block(config.output_uri, config.run_id, block_id, detections, images, config.storage_options)
     num_ok = int(pc.sum(ok.cast(pa.int64())).as_py() or 0)
-    return block_summary(num_images, num_ok, num_boxes)
+    nodes = {}
+    if "node_id" in results.column_names:
+        for entry in results["node_id"].value_counts().to_pylist():
+            nodes[entry["values"]] = int(entry["counts"])
+    return block_summary(num_images, num_ok, num_boxes, nodes)
