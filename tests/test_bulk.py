@@ -568,3 +568,9 @@ def test_killed_run_then_rerun_gives_exactly_once(tmp_path, checkpoint):
     assert detections.num_rows == sum(ledger.values()) > 0
     keys = duckdb.sql("SELECT count(*) FROM (SELECT DISTINCT image_uri, label, score, x1, y1, x2, y2 FROM detections)").fetchall()[0][0]
     assert keys == detections.num_rows  # no duplicated boxes
+    # Any engine reading the table paths recursively sees the same rows: nothing staged, nothing orphaned.
+    import pandas as pd
+
+    assert len(pd.read_parquet(output / "detections")) == detections.num_rows
+    assert sorted(pd.read_parquet(output / "images")["image_uri"]) == sorted(uris)
+    assert not list((output / "_staging").rglob("*.parquet"))

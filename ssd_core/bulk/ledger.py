@@ -6,12 +6,17 @@ Under ``OUTPUT`` (zstd Parquet, Hive-partitioned by ``run_id``):
 - ``images/run_id=R/block-<id>.parquet``: one row per input object (``images_schema``). This table is
   the ledger.
 
-A block's detections file is written first and its images file last, each atomically (local: temp file
-+ rename; S3: one PUT), so a block counts as committed exactly when its images file exists. Readers only
-see detections whose ``(run_id, block_id)`` has an images file; a rerun deletes detections files left
-without one by a kill. The block id is a hash of the block's (image_uri, etag) pairs and the weights
-digest, so a retried task rewrites the same files. The ledger key is (image_uri, etag, size_bytes,
-weights_digest): a run processes only objects not yet in it. One writer per output at a time.
+Any engine that reads these paths directly (DuckDB ``read_parquet('OUTPUT/detections/**/*.parquet',
+hive_partitioning=true)``, pandas, Spark, Athena) sees only committed rows. A block's two files are
+first written whole under ``OUTPUT/_staging/`` (outside both tables; Hive-style readers also skip
+``_``-prefixed paths), then moved into the tables, detections first and images last: the images file
+appearing is the commit. Each move is atomic (local: rename; S3: server-side copy, visible only once
+complete). A run that is killed can leave at most a staged pair and a detections file without its
+images file; the next run removes both before it starts (and ``ssd query`` ignores them meanwhile).
+The block id is a hash of the block's (image_uri, etag) pairs and the weights digest, so a retried
+task rewrites the same names and never adds a second copy. The ledger key is (image_uri, etag,
+size_bytes, weights_digest): a run processes only objects not yet in it. One writer per output at a
+time (the ``detect-bucket`` flow holds a lock per output).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ __all__ = [
 ]
 
 LEDGER_KEY = ["image_uri", "etag", "size_bytes", "weights_digest"]
+STAGING = "_staging"  # where block files are written before they are moved into the tables
 
 
 def detections_schema():
@@ -160,21 +166,27 @@ def parquet_bytes(table, row_group_size: int = 256_000) -> bytes:
 
 def commit_block(output_uri: str, run_id: str, block_id: str, detections, images,
                  storage_options: Mapping[str, Any] | None = None) -> None:
-    """Write one block: its detections file, then its images file (the commit)."""
+    """Write one block: both files staged, then detections moved into place, then images (the commit)."""
     name = f"block-{block_id}.parquet"
     partition = f"run_id={run_id}"
-    storage.atomic_write_bytes(
-        storage.join_uri(output_uri, "detections", partition, name), parquet_bytes(detections), storage_options,
-    )
-    # Written last: this file is the commit of the whole block.
-    storage.atomic_write_bytes(
-        storage.join_uri(output_uri, "images", partition, name), parquet_bytes(images), storage_options,
-    )
+    staged = {}
+    for table, rows in (("detections", detections), ("images", images)):
+        staged[table] = storage.join_uri(output_uri, STAGING, partition, f"{table}-{name}")
+        storage.atomic_write_bytes(staged[table], parquet_bytes(rows), storage_options)
+    storage.atomic_move(staged["detections"], storage.join_uri(output_uri, "detections", partition, name),
+                        storage_options)
+    # Moved last: this file is the commit of the whole block.
+    storage.atomic_move(staged["images"], storage.join_uri(output_uri, "images", partition, name), storage_options)
 
 
 def remove_uncommitted(output_uri: str, storage_options: Mapping[str, Any] | None = None) -> int:
-    """Delete detections files whose block has no images file (left by a killed run); returns how many."""
+    """Delete what a killed run left outside the committed tables: staged files, and detections files
+    whose block has no images file. Returns how many detections files were removed. Only safe while no
+    other run writes to ``output_uri``."""
     fs, root = storage.filesystem_for(output_uri, storage_options)
+    staging = f"{root}/{STAGING}"
+    if fs.exists(staging):
+        fs.rm(staging, recursive=True)
     committed = {_block_key(path) for path in _parquet_files(fs, f"{root}/images")}
     orphans = [path for path in _parquet_files(fs, f"{root}/detections") if _block_key(path) not in committed]
     if orphans:
