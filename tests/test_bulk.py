@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 from s3_server import FAKE_SECRET, moto_s3, ray_local, s3_bucket  # noqa: F401
 
 from ssd_core import bulk
-from ssd_core.bulk import detect_bucket, listing
+from ssd_core.bulk import detect_bucket
 from ssd_core.images import ImageDecodeError, decode_image, sniff_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -473,14 +473,16 @@ def test_incremental_runs_process_only_new_or_changed(local_run, checkpoint, tmp
 
 def test_object_deleted_between_listing_and_reading(tmp_path, checkpoint, monkeypatch, ray_local):  # noqa: F811
     write_tree(tmp_path / "in", {"keep.jpg": good_images()["photos/a.jpg"], "gone.jpg": good_images()["cmyk.jpg"]})
-    real_list = listing.list_images
+    from ssd_core.bulk import pipeline
 
-    def list_then_delete(uri, storage_options=None):
-        listing = real_list(uri, storage_options)
+    real_find = pipeline.find_pending
+
+    def find_then_delete(*args, **kwargs):
+        pending = real_find(*args, **kwargs)
         (tmp_path / "in" / "gone.jpg").unlink()
-        return listing
+        return pending
 
-    monkeypatch.setattr(listing, "list_images", list_then_delete)
+    monkeypatch.setattr(pipeline, "find_pending", find_then_delete)
     summary = detect_bucket(str(tmp_path / "in"), str(tmp_path / "out"), weights=str(checkpoint),
                             score_threshold=SCORE, precision="fp32", progress=False)
     assert (summary["ok"], summary["error"]) == (1, 1)

@@ -17,6 +17,12 @@ The block id is a hash of the block's (image_uri, etag) pairs and the weights di
 task rewrites the same names and never adds a second copy. The ledger key is (image_uri, etag,
 size_bytes, weights_digest): a run processes only objects not yet in it. One writer per output at a
 time (the ``detect-bucket`` flow holds a lock per output).
+
+Compaction (``ssd_core.bulk.compact``) replaces a run's block files by ``compact-<id>.parquet`` pairs
+committed the same way (detections, then images); a compacted images file names the files it replaces
+in its Parquet metadata (``ssd.replaces``), and from the moment it exists those files no longer count
+(``table_files``), even before they are deleted. The next writer deletes what an interrupted compaction
+left (``remove_uncommitted``).
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ __all__ = [
     "weights_digest",
     "block_id_of",
     "read_ledger",
+    "empty_ledger",
+    "committed_images_files",
+    "table_files",
     "pending_objects",
     "commit_block",
     "remove_uncommitted",
@@ -45,6 +54,8 @@ __all__ = [
 
 LEDGER_KEY = ["image_uri", "etag", "size_bytes", "weights_digest"]
 STAGING = "_staging"  # where block files are written before they are moved into the tables
+COMPACT_PREFIX = "compact-"  # compacted files: compact-<id>.parquet
+REPLACES_KEY = b"ssd.replaces"  # Parquet metadata of a compacted file: JSON list of the names it replaces
 
 
 def detections_schema():
@@ -131,14 +142,54 @@ def _dataset(output_uri: str, table: str, storage_options: Mapping[str, Any] | N
 
 def read_ledger(output_uri: str, storage_options: Mapping[str, Any] | None = None, columns=None):
     """Committed ``images/`` rows (every images file is a commit), or an empty table."""
-    import pyarrow as pa
 
     dataset = _dataset(output_uri, "images", storage_options)
     if dataset is None or not dataset.files:
-        columns = columns or LEDGER_KEY
-        schema = images_schema()
-        return pa.table({name: pa.array([], schema.field(name).type) for name in columns})
+        return empty_ledger(columns)
     return dataset.to_table(columns=columns)
+
+
+def empty_ledger(columns=None):
+    """An empty table of ledger columns (the key by default)."""
+    import pyarrow as pa
+
+    schema = images_schema()
+    return pa.table({name: pa.array([], schema.field(name).type) for name in columns or LEDGER_KEY})
+
+
+def committed_images_files(output_uri: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Paths (inside the filesystem: ``bucket/key`` on S3) of the committed ledger files, sorted."""
+    return table_files(output_uri, "images", storage_options)
+
+
+def table_files(output_uri: str, table: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """The files of ``table`` (``images`` or ``detections``) that hold committed rows, each row once:
+    images files not replaced by a compacted one; detections files whose images file exists, likewise.
+    Paths inside the filesystem (``bucket/key`` on S3), sorted."""
+    fs, root = storage.filesystem_for(output_uri, storage_options)
+    images = _parquet_files(fs, f"{root}/images")
+    replaced = _replaced(fs, images)
+    if table == "images":
+        return sorted(p for p in images if _block_key(p) not in replaced)
+    committed = {_block_key(p) for p in images}
+    return sorted(p for p in _parquet_files(fs, f"{root}/{table}")
+                  if _block_key(p) in committed and _block_key(p) not in replaced)
+
+
+def _replaced(fs, images_files: list[str]) -> set[tuple[str, str]]:
+    """(partition, name) of the files that committed compacted images files replace."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    replaced = set()
+    for path in images_files:
+        partition, name = _block_key(path)
+        if name.startswith(COMPACT_PREFIX):
+            with fs.open(path, "rb") as handle:
+                metadata = pq.read_schema(handle).metadata or {}
+            replaced.update((partition, n) for n in json.loads(metadata.get(REPLACES_KEY, b"[]")))
+    return replaced
 
 
 def pending_objects(listing, ledger, digest: str):
@@ -180,14 +231,26 @@ def commit_block(output_uri: str, run_id: str, block_id: str, detections, images
 
 
 def remove_uncommitted(output_uri: str, storage_options: Mapping[str, Any] | None = None) -> int:
-    """Delete what a killed run left outside the committed tables: staged files, and detections files
-    whose block has no images file. Returns how many detections files were removed. Only safe while no
-    other run writes to ``output_uri``."""
+    """Delete what a killed run or compaction left outside the committed tables: staged files, files that
+    a committed compaction replaces, and detections files whose block has no images file. Returns how
+    many detections files were removed as uncommitted. Only safe while no other run writes to
+    ``output_uri``."""
     fs, root = storage.filesystem_for(output_uri, storage_options)
     staging = f"{root}/{STAGING}"
     if fs.exists(staging):
         fs.rm(staging, recursive=True)
-    committed = {_block_key(path) for path in _parquet_files(fs, f"{root}/images")}
+    images = _parquet_files(fs, f"{root}/images")
+    replaced = _replaced(fs, images)
+    if replaced:
+        # An interrupted compaction: its files are committed, the ones they replace still there. Images
+        # first, so a file that stays (if this is interrupted too) is still replaced, never an orphan.
+        stale = [p for p in images if _block_key(p) in replaced]
+        stale += [p for p in _parquet_files(fs, f"{root}/detections") if _block_key(p) in replaced]
+        if stale:
+            fs.rm(stale)
+            log.info("removed %d file(s) that an interrupted compaction had replaced", len(stale))
+        images = [p for p in images if _block_key(p) not in replaced]
+    committed = {_block_key(path) for path in images}
     orphans = [path for path in _parquet_files(fs, f"{root}/detections") if _block_key(path) not in committed]
     if orphans:
         fs.rm(orphans)
@@ -196,10 +259,14 @@ def remove_uncommitted(output_uri: str, storage_options: Mapping[str, Any] | Non
 
 
 def _parquet_files(fs, root: str) -> list[str]:
+    """Parquet files under ``root``, skipping names under a ``.`` or ``_`` path segment (as readers do)."""
     try:
-        return [p for p in fs.find(root) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith(".")]
+        found = fs.find(root)
     except FileNotFoundError:
         return []
+    prefix = len(root.rstrip("/")) + 1
+    return [p for p in found if p.endswith(".parquet")
+            and not any(part.startswith((".", "_")) for part in p[prefix:].split("/"))]
 
 
 def _block_key(path: str) -> tuple[str, str]:

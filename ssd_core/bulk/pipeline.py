@@ -3,7 +3,7 @@ the driver side.
 
 Pipeline (streaming, so decoding and inference overlap)::
 
-    list (driver, ``listing``)  ->  read + decode + resize/normalise (CPU tasks; in the actors when they run on CPUs)
+    list or read a manifest, anti-join with the ledger (Ray tasks, ``pending``)  ->  read + decode + resize/normalise (CPU tasks; in the actors when they run on CPUs)
         ->  batched inference (actor pool, model loaded once per actor; GPU actors also decode JPEGs)
         ->  write block (CPU tasks; in the actors when they run on CPUs)
 
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ssd_core import storage
-from ssd_core.bulk import ledger, listing
+from ssd_core.bulk import ledger
+from ssd_core.bulk.pending import Pending, find_pending
 from ssd_core.bulk.stages import (
     DEFAULT_SEED,
     DetectConfig,
@@ -70,9 +71,10 @@ def _worker_storage_options(storage_options, *uris: str) -> dict[str, Any]:
 
 
 def detect_bucket(
-    input_uri: str,
+    input_uri: str | None,
     output_uri: str,
     *,
+    input_manifest: str | None = None,
     arch: str | None = None,
     weights: str | None = None,
     batch_size: int = 16,
@@ -90,7 +92,9 @@ def detect_bucket(
     seed: int = DEFAULT_SEED,
 ) -> dict[str, Any]:
     """Detect objects in every image under ``input_uri`` not yet processed with these weights, writing
-    Parquet under ``output_uri`` (see ``ssd_core.bulk.ledger``). Returns the summary: run_id, images_seen
+    Parquet under ``output_uri`` (see ``ssd_core.bulk.ledger``); with ``input_manifest``, the images that
+    manifest names instead (``ssd_core.bulk.manifest``; ``input_uri``, if given, is the root of its
+    relative keys). Returns the summary: run_id, images_seen
     (objects listed), images_new (not yet in the ledger), images_skipped, ok, error, not_images,
     detections, seconds, images_per_s, model, weights_digest, actors (the plan: gpu, num_gpus_per_actor,
     min, max) and detected_on (images per Ray node id that ran their inference).
@@ -103,6 +107,8 @@ def detect_bucket(
     """
     if weights is None and arch is None:
         raise ValueError("detect: give --arch (and usually --weights)")
+    if input_uri is None and input_manifest is None:
+        raise ValueError("detect: give --input or --input-manifest")
     if batch_size < 1 or rows_per_file < 1:
         raise ValueError(f"batch_size ({batch_size}) and rows_per_file ({rows_per_file}) must be >= 1")
     weights = resolve_weights(weights, storage_options)
@@ -114,21 +120,28 @@ def detect_bucket(
     run_id = _validate_run_id(run_id or default_run_id())
     started = time.perf_counter()
 
-    from ssd_core.zoo import read_model_metadata
-
     digest = ledger.weights_digest(weights, arch, seed, storage_options)
-    metadata = read_model_metadata(weights, arch)  # the driver never builds the network
-    listed = listing.list_images(input_uri, storage_options)
+    worker_options = _worker_storage_options(storage_options, input_uri or "", input_manifest or "", output_uri)
     ledger.remove_uncommitted(output_uri, storage_options)
-    done = ledger.read_ledger(output_uri, storage_options, columns=ledger.LEDGER_KEY)
-    pending = ledger.pending_objects(listed, done, digest)
-    log.info("%d objects listed under %s, %d to process", listed.num_rows, input_uri, pending.num_rows)
+    init_ray()
+    # Listing (or the manifest) and the anti-join with the ledger run in Ray tasks: the driver holds counts
+    # and object references, never a row per object (ssd_core.bulk.pending).
+    pending = find_pending(input_uri, output_uri, digest, manifest_uri=input_manifest,
+                           storage_options=worker_options)
+    source = input_manifest or input_uri
+    log.info("%d objects listed in %s, %d to process", pending.num_seen, source, pending.num_rows)
 
     summary: dict[str, Any] = {
-        "run_id": run_id, "model": metadata.arch, "weights_digest": digest, "images_seen": listed.num_rows,
-        "images_new": pending.num_rows, "images_skipped": listed.num_rows - pending.num_rows,
+        "run_id": run_id, "model": arch, "weights_digest": digest, "images_seen": pending.num_seen,
+        "images_new": pending.num_rows, "images_skipped": pending.num_seen - pending.num_rows,
         "ok": 0, "error": 0, "detections": 0, "detected_on": {},
     }
+    if pending.num_rows or arch is None:
+        from ssd_core.zoo import read_model_metadata
+
+        # Only when needed: the architecture's metadata costs the driver an import of torch.
+        metadata = read_model_metadata(weights, arch)  # the driver never builds the network
+        summary["model"] = metadata.arch
     if pending.num_rows:
         from ssd_core.cluster import cluster_nodes
 
@@ -146,7 +159,7 @@ def detect_bucket(
             model_name=metadata.arch, weights_digest=digest, class_names=list(metadata.class_names),
             batch_size=batch_size, rows_per_file=rows_per_file, score_threshold=score_threshold,
             precision=precision, seed=seed, max_pixels=max_pixels, threads_per_actor=plan.threads_per_actor,
-            storage_options=_worker_storage_options(storage_options, input_uri, output_uri),
+            storage_options=worker_options,
             preprocess_spec=PreprocessSpec.of(metadata), decode_in_actor=plan.use_gpu,
         )
         _run_pipeline(pending, config, plan, summary=summary, progress=progress)
@@ -224,7 +237,7 @@ def cpu_block_rows(num_pending: int, batch_size: int, rows_per_file: int, num_ac
     return max(1, min(rows_per_file, batches_per_actor_share * batch_size))
 
 
-def _run_pipeline(pending, config: DetectConfig, plan: ActorPlan, *, summary: dict, progress: bool) -> None:
+def _run_pipeline(pending: Pending, config: DetectConfig, plan: ActorPlan, *, summary: dict, progress: bool) -> None:
     """Ray Data: read/decode -> inference actors -> write tasks, consumed as summaries. Reading and
     decoding run in CPU tasks before GPU actors, and inside the actors when they run on CPUs."""
     import ray
@@ -233,11 +246,8 @@ def _run_pipeline(pending, config: DetectConfig, plan: ActorPlan, *, summary: di
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours below counts images, not blocks
     context.enable_operator_progress_bars = False
-    block_rows = plan.block_rows
-    listing_blocks = [pending.slice(start, block_rows) for start in range(0, pending.num_rows, block_rows)]
-    # from_blocks keeps our blocks as they are and takes their metadata here; from_arrow would run a
-    # remote task per block for it (booting worker processes before anything useful starts).
-    dataset = ray.data.from_blocks(listing_blocks)
+    # The pending rows come from the anti-join tasks' outputs in the object store, cut into blocks.
+    dataset = pending.dataset(plan.block_rows)
     actors = ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors)
     if plan.use_gpu:
         # GPU actors infer (and decode plain JPEGs with nvjpeg) while CPU tasks anywhere in the cluster

@@ -10,12 +10,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "detect",
         help="detect objects in every image under a folder or s3:// prefix -> Parquet (Ray Data)",
-        description="Bulk detection: lists INPUT recursively, skips objects already in OUTPUT/images/ for "
+        description="Bulk detection: lists INPUT recursively (or reads the objects from --input-manifest), skips objects already in OUTPUT/images/ for "
         "these weights, and writes OUTPUT/detections/ and OUTPUT/images/ (zstd Parquet, partitioned by "
         "run_id). S3 endpoint and credentials come from the standard AWS environment. With RAY_ADDRESS set it "
         "runs on that cluster (actors laid out from the cluster's nodes, not this machine), else on a local one.",
     )
-    parser.add_argument("--input", required=True, help="folder or s3://bucket/prefix of images")
+    parser.add_argument("--input", help="folder or s3://bucket/prefix of images (with --input-manifest: the root "
+                        "of the manifest's relative keys)")
+    parser.add_argument("--input-manifest", help="local or s3:// file naming the images instead of listing --input: "
+                        "an S3 Inventory manifest.json or data file (CSV, Parquet, ORC), a CSV with a header "
+                        "(image_uri or key, size, etag), a Parquet file, or one URI/key per line")
     parser.add_argument("--output", required=True, help="folder or s3://bucket/prefix for the Parquet tables")
     parser.add_argument("--arch", help="architecture (needed unless --weights is one of our checkpoints)")
     parser.add_argument("--weights", help="our checkpoint, or a torchvision/NVIDIA state_dict with --arch; "
@@ -43,8 +47,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ssd_core.bulk import detect_bucket
 
+    if not args.input and not args.input_manifest:
+        raise ValueError("detect: give --input or --input-manifest")
+
     summary = detect_bucket(
-        args.input, args.output, arch=args.arch, weights=args.weights, batch_size=args.batch_size,
+        args.input, args.output, input_manifest=args.input_manifest, arch=args.arch, weights=args.weights, batch_size=args.batch_size,
         score_threshold=args.score_threshold, run_id=args.run_id, num_actors=args.num_actors,
         min_actors=args.min_actors, max_actors=args.max_actors, num_gpus_per_actor=args.num_gpus_per_actor,
         precision=args.precision, rows_per_file=args.rows_per_file, progress=not args.no_progress,
