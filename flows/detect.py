@@ -7,6 +7,8 @@ on first use): a second run over the same output waits for the first and then pr
 still new (usually nothing). Runs over different outputs do not wait for each other. The limit lives
 in the Prefect API's database, so it holds across processes and machines talking to one server, and
 in ephemeral mode (flow functions called directly, no server) across processes sharing PREFECT_HOME.
+Compaction (``compact=True`` here, or the ``compact-output`` flow) rewrites the output's files and holds
+the same limit, so it never runs beside a detection of that output.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """Bulk detection over an image bucket with Ray Data -> Parquet tables (``detections``, ``images``).
 
 - ``listing``: the input objects under a folder or s3:// prefix;
+- ``manifest``: the input objects named by a manifest (S3 Inventory, CSV, Parquet, plain list);
+- ``pending``: what a run has to process (listing/manifest anti-join ledger, in Ray tasks);
 - ``ledger``: the two table schemas, the ledger (exactly-once), the commit protocol, orphan cleanup;
+- ``compact``: merging committed small files into large ones (``ssd compact``);
 - ``stages``: what runs on the cluster (read/decode, inference actors, block writes);
 - ``pipeline``: the driver (``detect_bucket``): what to process, the actor topology, the Ray Data plan.
 """

@@ -14,46 +14,55 @@ still one task's listing: give such buckets a manifest (S3 Inventory) instead.
 from __future__ import annotations
 
 import datetime as _dt
-import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ssd_core import storage
 from ssd_core.images import IMAGE_EXTENSIONS
 
-__all__ = ["list_images", "list_top_level", "input_kind", "listing_table"]
+__all__ = ["list_images", "list_top_level", "input_objects", "listing_table"]
 
 
-def input_kind(name: str) -> bool | None:
-    """None if an object named ``name`` (its last path segment) is not an input; else whether its content
-    must be sniffed (no extension)."""
-    if not name or name.startswith("."):
-        return None  # folder placeholders, hidden files, our own temp files
-    extension = os.path.splitext(name)[1].lower()
-    if extension and extension not in IMAGE_EXTENSIONS:
-        return None
-    return not extension
+def input_objects(uris, sizes, etags):
+    """Arrow arrays (or lists) of objects -> the listing ``pyarrow.Table`` (image_uri, size_bytes, etag,
+    sniff) of those that are inputs, in the given order. Vectorised: a manifest of millions of keys is
+    filtered in Arrow, not in a Python loop.
 
-
-def listing_table(rows: Iterable[tuple[str, int, str, bool]]):
-    """(image_uri, size_bytes, etag, sniff) rows -> the listing ``pyarrow.Table``, sorted by image_uri."""
+    Not inputs: names ending in ``/`` (folder placeholders), hidden names (a leading ``.``), and names
+    whose extension is not an image extension. ``sniff`` marks names without an extension. ``etag``
+    loses surrounding quotes; a missing size is 0, a missing ETag "".
+    """
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    uris, sizes, etags, sniff = [], [], [], []
-    for uri, size, etag, needs_sniff in rows:
+    uris = pa.array(uris, pa.string()) if not isinstance(uris, pa.Array) else uris.cast(pa.string())
+    name = pc.replace_substring_regex(uris, r"^.*/", "")  # the last path segment ("" for "x/")
+    extension = pc.struct_field(pc.extract_regex(name, r"(?P<ext>[^.]\.[^.]*)$"), [0])
+    extension = pc.utf8_lower(pc.utf8_slice_codeunits(extension, 1))
+    hidden = pc.or_(pc.starts_with(name, "."), pc.equal(pc.utf8_length(name), 0))
+    no_extension = pc.is_null(extension)
+    image = pc.is_in(extension, value_set=pa.array(sorted(IMAGE_EXTENSIONS)))
+    keep = pc.and_(pc.invert(pc.fill_null(hidden, True)), pc.or_(no_extension, pc.fill_null(image, False)))
+    sizes = pa.array(sizes) if not isinstance(sizes, pa.Array) else sizes
+    etags = pa.array(etags) if not isinstance(etags, pa.Array) else etags
+    table = pa.table({
+        "image_uri": uris,
+        "size_bytes": pc.fill_null(sizes.cast(pa.int64()), 0),
+        "etag": pc.utf8_trim(pc.fill_null(etags.cast(pa.string()), ""), '"'),
+        "sniff": no_extension,
+    })
+    return table.filter(keep)
+
+
+def listing_table(rows: Iterable[tuple[str, int, str]]):
+    """(path or URI, size, etag) of listed files -> the listing ``pyarrow.Table`` of the inputs among
+    them (``input_objects``), sorted by image_uri."""
+    uris, sizes, etags = [], [], []
+    for uri, size, etag in rows:
         uris.append(uri)
         sizes.append(size)
         etags.append(etag)
-        sniff.append(needs_sniff)
-    table = pa.table(
-        {
-            "image_uri": pa.array(uris, pa.string()),
-            "size_bytes": pa.array(sizes, pa.int64()),
-            "etag": pa.array(etags, pa.string()),
-            "sniff": pa.array(sniff, pa.bool_()),
-        }
-    )
-    return table.sort_by("image_uri")
+    return input_objects(uris, sizes, etags).sort_by("image_uri")
 
 
 def list_images(input_uri: str, storage_options: Mapping[str, Any] | None = None):
@@ -85,12 +94,8 @@ def list_top_level(input_uri: str, storage_options: Mapping[str, Any] | None = N
 
 def _rows(entries, s3: bool):
     for path, info in entries:
-        if info.get("type") == "directory":
-            continue
-        sniff = input_kind(path.rsplit("/", 1)[-1])
-        if sniff is None:
-            continue
-        yield (f"s3://{path}" if s3 else path), int(info.get("size") or 0), _etag_of(info), sniff
+        if info.get("type") != "directory":
+            yield (f"s3://{path}" if s3 else path), int(info.get("size") or 0), _etag_of(info)
 
 
 def _etag_of(info: Mapping[str, Any]) -> str:

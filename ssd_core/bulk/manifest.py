@@ -17,7 +17,7 @@ Keys without a scheme or bucket are taken relative to ``--input``. The size and 
 go into the ledger key exactly as a listing's do, so a manifest and a listing of the same unchanged
 objects are interchangeable; a manifest without them (a plain list) gives size 0 and an empty ETag, so
 an object replaced under the same key is not detected again. Objects are filtered by extension as in a
-listing (``ssd_core.bulk.listing.input_kind``).
+listing (``ssd_core.bulk.listing.input_objects``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from ssd_core import storage
-from ssd_core.bulk.listing import input_kind, listing_table
+from ssd_core.bulk import listing
 
 __all__ = ["ManifestFile", "manifest_files", "read_manifest_file"]
 
@@ -142,53 +142,73 @@ def read_manifest_file(file: ManifestFile, input_uri: str | None = None,
 
 
 def _normalise(table, file: ManifestFile, input_uri: str | None):
-    """A manifest's columns (whatever their names and case) -> listing rows, filtered like a listing."""
+    """A manifest's columns (whatever their names and case) -> listing rows, filtered like a listing
+    (``listing.input_objects``). Vectorised in Arrow: one inventory file holds millions of keys."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     columns = {name.lower(): name for name in table.column_names}
 
     def column(*names: str):
         for name in names:
             if name in columns:
-                return table[columns[name]].to_pylist()
+                return table[columns[name]].combine_chunks()
         return None
 
+    def truthy(values):
+        return pc.is_in(pc.utf8_lower(values.cast(pa.string())), value_set=pa.array(["true", "1"]))
+
+    keep = None  # only the latest, non-deleted version of each key counts
+    if (latest := column("islatest", "is_latest")) is not None:
+        keep = pc.fill_null(truthy(latest), True)
+    if (deleted := column("isdeletemarker", "is_delete_marker")) is not None:
+        alive = pc.invert(pc.fill_null(truthy(deleted), False))
+        keep = alive if keep is None else pc.and_(keep, alive)
+    if keep is not None:
+        table = table.filter(keep)
+
     uris = column(*_URI_COLUMNS)
-    keys = column("key")
-    if uris is None and keys is None:
-        raise ValueError(f"manifest {file.uri}: no column naming the objects "
-                         f"(one of {', '.join(_URI_COLUMNS + ('key',))}; has {', '.join(table.column_names)})")
     if uris is None:
+        keys = column("key")
+        if keys is None:
+            raise ValueError(f"manifest {file.uri}: no column naming the objects "
+                             f"(one of {', '.join(_URI_COLUMNS + ('key',))}; has {', '.join(table.column_names)})")
+        keys = keys.cast(pa.string())
         if file.format == "inventory-csv":
-            keys = [unquote_plus(key) for key in keys]  # inventory CSVs URL-encode keys
+            keys = _url_decoded(keys)  # inventory CSVs URL-encode keys
         buckets = column("bucket")
-        uris = [f"s3://{b}/{k}" for b, k in zip(buckets, keys)] if buckets is not None else keys
-    # Keys ending in "/" are folder placeholders (consoles create them), not objects.
-    uris = [None if uri is None or str(uri).endswith("/") else _absolute(str(uri), input_uri, file.uri)
-            for uri in uris]
-    sizes = column(*_SIZE_COLUMNS) or [0] * len(uris)
-    etags = column(*_ETAG_COLUMNS) or [""] * len(uris)
-    latest = column("islatest", "is_latest")
-    deleted = column("isdeletemarker", "is_delete_marker")
-
-    def rows():
-        for index, uri in enumerate(uris):
-            if uri is None:
-                continue
-            if latest is not None and str(latest[index]).lower() not in ("true", "1"):
-                continue  # an older version of the key
-            if deleted is not None and str(deleted[index]).lower() in ("true", "1"):
-                continue
-            sniff = input_kind(uri.rsplit("/", 1)[-1])
-            if sniff is not None:
-                size = sizes[index]
-                yield uri, int(size) if size not in (None, "") else 0, str(etags[index] or "").strip('"'), sniff
-
-    return listing_table(rows())
+        uris = keys if buckets is None else pc.binary_join_element_wise("s3://", buckets.cast(pa.string()), "/", keys, "")
+    uris = pc.utf8_trim_whitespace(uris.cast(pa.string()))
+    uris = _absolute(uris, input_uri, file.uri)
+    n = len(uris)
+    sizes = column(*_SIZE_COLUMNS)
+    etags = column(*_ETAG_COLUMNS)
+    return listing.input_objects(uris, sizes if sizes is not None else pa.nulls(n, pa.int64()),
+                                 etags if etags is not None else pa.nulls(n, pa.string()))
 
 
-def _absolute(uri: str, input_uri: str | None, manifest_uri: str) -> str:
-    if "://" in uri or os.path.isabs(uri):
-        return uri
+def _url_decoded(keys):
+    """URL-decode (``+`` is a space) the keys that need it; the rest stay as they are."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    encoded = pc.fill_null(pc.match_substring_regex(keys, r"[%+]"), False)
+    if not pc.any(encoded).as_py():
+        return keys
+    decoded = pa.array([unquote_plus(key) for key in keys.filter(encoded).to_pylist()], pa.string())
+    return pc.replace_with_mask(keys, encoded, decoded)
+
+
+def _absolute(uris, input_uri: str | None, manifest_uri: str):
+    """Keys without a scheme or leading ``/`` joined onto ``input_uri``."""
+    import pyarrow.compute as pc
+
+    relative = pc.invert(pc.or_(pc.match_substring(uris, "://"), pc.starts_with(uris, "/")))
+    if not pc.any(relative).as_py():
+        return uris
     if input_uri is None:
-        raise ValueError(f"manifest {manifest_uri}: {uri!r} is a relative key; give --input (the folder or "
+        example = uris.filter(relative)[0].as_py()
+        raise ValueError(f"manifest {manifest_uri}: {example!r} is a relative key; give --input (the folder or "
                          "s3:// prefix it is relative to)")
-    return storage.join_uri(input_uri, uri)
+    joined = pc.binary_join_element_wise(input_uri.rstrip("/") + "/", pc.utf8_ltrim(uris, "/"), "")
+    return pc.if_else(relative, joined, uris)
