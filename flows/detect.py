@@ -7,6 +7,8 @@ on first use): a second run over the same output waits for the first and then pr
 still new (usually nothing). Runs over different outputs do not wait for each other. The limit lives
 in the Prefect API's database, so it holds across processes and machines talking to one server, and
 in ephemeral mode (flow functions called directly, no server) across processes sharing PREFECT_HOME.
+Compaction (``compact=True`` here, or the ``compact-output`` flow) rewrites the output's files and holds
+the same limit, so it never runs beside a detection of that output.
 """
 
 from __future__ import annotations
@@ -63,23 +65,40 @@ def is_transient(task, task_run, state) -> bool:
 @task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5,
       retry_condition_fn=is_transient)
 def run_detection(input: str, output: str, arch: str | None, weights: str | None, batch_size: int,
-                  score_threshold: float, precision: str, num_actors: int | None) -> dict[str, Any]:
+                  score_threshold: float, precision: str, num_actors: int | None, min_actors: int | None = None,
+                  max_actors: int | None = None, num_gpus_per_actor: float | None = None,
+                  input_manifest: str | None = None) -> dict[str, Any]:
     from ssd_core.bulk import detect_bucket
 
-    return detect_bucket(input, output, arch=arch, weights=weights, batch_size=batch_size,
+    return detect_bucket(input, output, input_manifest=input_manifest, arch=arch, weights=weights, batch_size=batch_size,
                          score_threshold=score_threshold, precision=precision, num_actors=num_actors,
+                         min_actors=min_actors, max_actors=max_actors, num_gpus_per_actor=num_gpus_per_actor,
                          progress=False)
 
 
+@task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5,
+      retry_condition_fn=is_transient)
+def run_compaction(output: str) -> dict[str, int]:
+    from ssd_core.bulk.compact import compact_output
+
+    return compact_output(output)
+
+
 @flow(name="detect-bucket", log_prints=True)
-def detect_bucket_flow(input: str, output: str, arch: str | None = None, weights: str | None = None,
+def detect_bucket_flow(input: str | None, output: str, arch: str | None = None, weights: str | None = None,
                        batch_size: int = 16, score_threshold: float = 0.3, precision: str = "auto",
-                       num_actors: int | None = None, wait_seconds: float | None = 6 * 3600) -> dict[str, Any]:
+                       num_actors: int | None = None, min_actors: int | None = None, max_actors: int | None = None,
+                       num_gpus_per_actor: float | None = None, input_manifest: str | None = None,
+                       compact: bool = False, wait_seconds: float | None = 6 * 3600) -> dict[str, Any]:
     """Detect objects in every image under ``input`` (folder or s3://bucket/prefix) not yet processed
     with these weights, appending Parquet under ``output`` (``detections/``, ``images/``).
 
-    ``weights``: one of our checkpoints (``arch`` may then be omitted). ``wait_seconds``: how long to
-    wait for another run on the same output to finish before failing (None: forever).
+    ``input_manifest``: a file naming the images instead of listing ``input`` (an S3 Inventory
+    manifest.json, CSV, Parquet or a plain list; ``input`` may then be None or the root of relative keys).
+    ``weights``: one of our checkpoints (``arch`` may then be omitted). ``num_actors`` (fixed) or
+    ``min_actors`` / ``max_actors`` (autoscaling) and ``num_gpus_per_actor`` as for ``ssd detect``. ``wait_seconds``: how long to
+    wait for another run on the same output to finish before failing (None: forever). ``compact``: merge
+    the output's small files afterwards (``ssd_core.bulk.compact``), still holding the output's lock.
     """
     from prefect.concurrency.sync import concurrency
 
@@ -88,10 +107,29 @@ def detect_bucket_flow(input: str, output: str, arch: str | None = None, weights
     ensure_lock(lock)
     # strict: if the limit cannot be used, fail rather than write concurrently.
     with concurrency(lock, occupy=1, timeout_seconds=wait_seconds, strict=True):
-        summary = run_detection(input, output, arch, weights, batch_size, score_threshold, precision, num_actors)
+        summary = run_detection(input, output, arch, weights, batch_size, score_threshold, precision, num_actors,
+                                min_actors, max_actors, num_gpus_per_actor, input_manifest)
+        if compact:
+            summary["compaction"] = run_compaction(output)
     publish_table("detect-bucket-summary", scalar_rows(summary, SUMMARY_ORDER),
-                  f"bulk detection of {input} into {output}")
+                  f"bulk detection of {input_manifest or input} into {output}")
     logger.info("run %s: %d images seen, %d new, %d ok, %d error, %d detections",
                 summary["run_id"], summary["images_seen"], summary["images_new"], summary["ok"],
                 summary["error"], summary["detections"])
+    return summary
+
+
+@flow(name="compact-output", log_prints=True)
+def compact_output_flow(output: str, wait_seconds: float | None = 6 * 3600) -> dict[str, int]:
+    """Merge the small Parquet files of ``output``'s committed detect runs into large ones
+    (``ssd_core.bulk.compact``), holding the same per-output lock as ``detect-bucket``, so compaction never
+    runs while a detection writes to that output."""
+    from prefect.concurrency.sync import concurrency
+
+    lock = output_lock_name(output)
+    ensure_lock(lock)
+    with concurrency(lock, occupy=1, timeout_seconds=wait_seconds, strict=True):
+        summary = run_compaction(output)
+    publish_table("compact-output-summary", scalar_rows(summary, ("files_before", "files_after", "groups")),
+                  f"compaction of {output}")
     return summary

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "ssd_core.commands.export",
     "ssd_core.commands.detect",
     "ssd_core.commands.query",
+    "ssd_core.commands.compact",
     "ssd_core.commands.bench",
     "ssd_core.commands.weights",
 ]

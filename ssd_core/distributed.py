@@ -32,6 +32,7 @@ from torch import nn
 
 from ssd_core import engine
 from ssd_core.checkpoint import serialize
+from ssd_core.cluster import init_ray
 from ssd_core.engine import TrainConfig
 from ssd_core.storage import atomic_write_bytes, exists, is_s3, join_uri
 
@@ -149,23 +150,6 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
 # -- the driver side -------------------------------------------------------------------------------
 
 
-def connect(num_cpus: int | None = None) -> None:
-    """Join the cluster at RAY_ADDRESS, or start a local one (dashboard on 127.0.0.1 only, no usage stats)."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS", "").strip()
-    if address:
-        log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address)
-    else:
-        # The dashboard serves the State API, which Ray Train V2's placement-group cleaner polls every
-        # second; without it every poll logs "Failed to query Ray Train Controller actor state".
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
-
-
 def _absolute(uri: str) -> str:
     """Local paths made absolute: Ray workers run in their own working directories."""
     return uri if "://" in uri else os.path.abspath(uri)
@@ -234,7 +218,9 @@ def fit_distributed(
     threads = int((resources_per_worker or {}).get("CPU", 1))
 
     # A local cluster gets at least the CPUs the workers ask for (Ray would otherwise wait forever).
-    connect(num_cpus=max(os.cpu_count() or 1, num_workers * threads) if not use_gpu else None)
+    # The dashboard serves the State API, which Ray Train V2's placement-group cleaner polls every
+    # second; without it every poll logs "Failed to query Ray Train Controller actor state".
+    init_ray(num_cpus=max(os.cpu_count() or 1, num_workers * threads) if not use_gpu else None, dashboard=True)
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

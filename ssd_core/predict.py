@@ -169,7 +169,7 @@ def _annotate(model: SSD, pixels: np.ndarray, detections: dict[str, torch.Tensor
 
 def input_kind(path: Path) -> str:
     """"folder", "video" or "image" by what ``path`` is (FileNotFoundError / ValueError otherwise)."""
-    from ssd_core.bulk import IMAGE_EXTENSIONS
+    from ssd_core.images import IMAGE_EXTENSIONS
 
     if not path.exists():
         raise FileNotFoundError(f"input not found: {path}")
@@ -188,7 +188,7 @@ def input_kind(path: Path) -> str:
 
 def read_image(path: Path) -> np.ndarray:
     """uint8[H, W, 3] RGB of an image file, EXIF orientation applied (ValueError naming the file)."""
-    from ssd_core.bulk import decode_image
+    from ssd_core.images import decode_image
 
     try:
         return decode_image(path.read_bytes())
@@ -288,7 +288,7 @@ def predict_images(
 
 def list_image_files(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursive, sorted), by extension."""
-    from ssd_core.bulk import IMAGE_EXTENSIONS
+    from ssd_core.images import IMAGE_EXTENSIONS
 
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
@@ -404,7 +404,7 @@ def predict(
     ``model`` comes from ``load_detector`` (its score threshold applies to JSON and pictures alike);
     ``weights`` is only recorded in the JSON.
     """
-    from ssd_core.bulk import IMAGE_EXTENSIONS
+    from ssd_core.images import IMAGE_EXTENSIONS
 
     input_path, output = Path(input_path), Path(output)
     kind = input_kind(input_path)

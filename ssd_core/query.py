@@ -1,4 +1,4 @@
-"""SQL over bulk-detection outputs (see ``ssd_core.bulk``) with DuckDB.
+"""SQL over bulk-detection outputs (see ``ssd_core.bulk.ledger``) with DuckDB.
 
 Two views are defined over ``OUTPUT`` (local folder or ``s3://``):
 
@@ -7,6 +7,9 @@ Two views are defined over ``OUTPUT`` (local folder or ``s3://``):
 - ``detections``: run_id, image_uri, label, label_name, score, x1, y1, x2, y2, image_width,
   image_height, model, weights_digest (one row per box), restricted to committed blocks: a
   detections file counts only when its block's images file (the ledger commit) exists.
+
+Files that a compaction replaced are left out as soon as the compacted images file exists, so a query
+during or after an interrupted compaction sees every row once (``ssd_core.bulk.ledger.table_files``).
 
 The Parquet files are opened as pyarrow datasets (Arrow's S3 client with the endpoint from
 ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``) and registered in DuckDB, rather than read with
@@ -34,19 +37,22 @@ DETECTIONS_COLUMNS = (
 
 
 def _dataset(output_uri: str, table: str, schema, storage_options: Mapping[str, Any] | None):
-    """pyarrow dataset of OUTPUT/<table> with run_id (string) from the Hive partition; None if absent."""
+    """pyarrow dataset of the committed files of OUTPUT/<table> (``ledger.table_files``: a compaction's
+    replaced files drop out the moment its images file exists) with run_id (string) from the Hive
+    partition; None if there are none."""
     import pyarrow as pa
     import pyarrow.dataset as pads
 
+    from ssd_core.bulk.ledger import table_files
+
+    files = table_files(output_uri, table, storage_options)
+    if not files:
+        return None
     fs, root = storage.pyarrow_filesystem_for(storage.join_uri(output_uri, table), storage_options)
     partitioning = pads.partitioning(pa.schema([("run_id", pa.string())]), flavor="hive")
     full_schema = schema.insert(0, pa.field("run_id", pa.string()))
-    try:
-        dataset = pads.dataset(root, filesystem=fs, format="parquet", partitioning=partitioning,
-                               schema=full_schema, ignore_prefixes=[".", "_"])
-    except FileNotFoundError:
-        return None
-    return dataset if dataset.files else None
+    return pads.dataset(files, filesystem=fs, format="parquet", partitioning=partitioning,
+                        partition_base_dir=root, schema=full_schema)
 
 
 def connect(output_uri: str, storage_options: Mapping[str, Any] | None = None):
@@ -54,7 +60,7 @@ def connect(output_uri: str, storage_options: Mapping[str, Any] | None = None):
     import duckdb
     import pyarrow as pa
 
-    from ssd_core.bulk import detections_schema, images_schema
+    from ssd_core.bulk.ledger import detections_schema, images_schema
 
     images = _dataset(output_uri, "images", images_schema(), storage_options)
     if images is None:

@@ -178,3 +178,22 @@ def atomic_write_bytes(
         except FileNotFoundError:
             pass
         raise
+
+
+def atomic_move(src: str | os.PathLike, dst: str | os.PathLike,
+                storage_options: Mapping[str, Any] | None = None) -> None:
+    """Move ``src`` to ``dst`` so readers of ``dst`` see the old file or the complete new one (overwriting).
+
+    Local: ``os.replace`` (atomic within one filesystem). S3: a server-side copy, which S3 makes visible
+    only once complete, then the source is deleted.
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    if is_s3(dst):
+        fs, source = filesystem_for(src, storage_options)
+        _, target = filesystem_for(dst, storage_options)
+        fs.copy(source, target)
+        fs.rm(source)
+        return
+    target = os.path.abspath(dst.removeprefix("file://"))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.replace(os.path.abspath(src.removeprefix("file://")), target)

@@ -490,6 +490,52 @@ def load_model(path: str, *, precision: str = "fp32") -> SSD:
     return model_from_checkpoint(payload, precision=precision, source=str(path))
 
 
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What a model built from some weights will be, known without building it: enough for a driver to
+    plan work, label outputs and preprocess images exactly as ``SSD.preprocess`` does."""
+
+    arch: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    size: tuple[int, int]
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+
+
+def read_model_metadata(weights: str | None, arch: str | None = None) -> ModelMetadata:
+    """Metadata of ``build_model(arch, weights=weights)`` (or ``load_model(weights)`` if ``arch`` is None)
+    from the checkpoint's fields, or for foreign weights from the architecture registry and the
+    classifier's shape; no network is built. ``weights=None``: the random-init model of ``arch``."""
+    if weights is None:
+        if arch is None:
+            raise ValueError("give an architecture or weights")
+        config, num_classes, class_names = resolve_config(arch, {}), 91, None
+    else:
+        payload = _load_state_file(weights)
+        kind = detect_weights_format(payload)
+        if kind == "ssd_core":
+            if arch is not None and payload["arch"] != arch:
+                raise ValueError(f"checkpoint {weights} is a {payload['arch']} model, not {arch}")
+            config = resolve_config(payload["arch"], payload.get("model_config") or {})
+            num_classes, class_names = int(payload["num_classes"]), payload.get("class_names")
+        elif arch is None:
+            raise ValueError(f"{weights} is not an ssd_core checkpoint; give its architecture too")
+        else:
+            if kind == "nvidia" and arch != "ssd300_resnet50":
+                raise ValueError(f"{weights} is an NVIDIA SSD300-ResNet50 checkpoint; use arch ssd300_resnet50, not {arch}")
+            state = nvidia_to_ssd_core(payload.get("model", payload)) if kind == "nvidia" else _strip_prefix(payload, "module.")
+            config = resolve_config(arch, {})
+            num_classes, class_names = _num_classes_in(state, config), None
+    if class_names is None:
+        class_names = {91: COCO_91_NAMES, 81: COCO_81_NAMES}.get(num_classes) or (
+            ["__background__"] + [f"class_{i}" for i in range(1, num_classes)]
+        )
+    # The model keeps mean and std as float32 buffers: the same values here.
+    mean, std = (tuple(torch.tensor(v, dtype=torch.float32).tolist()) for v in (config.image_mean, config.image_std))
+    return ModelMetadata(config.arch, num_classes, tuple(class_names), tuple(config.size), mean, std)
+
+
 def config_as_dict(config: SSDConfig) -> dict[str, Any]:
     return asdict(config)
 

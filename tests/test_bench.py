@@ -75,3 +75,16 @@ def test_bench_detect_parser_defaults():
     args = parser.parse_args(["detect"])
     assert (args.arch, args.batch_size, args.precision) == (ARCH, 16, "auto")
     assert args.images >= 4 * args.batch_size  # the quarter-bucket run needs whole batches
+
+
+@pytest.mark.slow
+def test_bench_ledger_cli_measures_a_nothing_new_run_in_a_fresh_process(tmp_path):
+    out = tmp_path / "ledger.json"
+    code = cli_main(["bench", "ledger", "--objects", "300", "--rows-per-file", "64", "--work-dir",
+                     str(tmp_path / "work"), "--json", str(out)])
+    assert code == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    # The child run saw every object of the manifest and found all of them in the ledger (checked by the
+    # bench itself too), and measured its own process and its Ray workers.
+    assert (row["objects"], row["images_seen"], row["images_new"], row["ledger_files"]) == (300, 300, 0, 5)
+    assert row["driver_peak_rss_mib"] > 0 and row["worker_peak_rss_mib"] > 0 and row["seconds"] > 0

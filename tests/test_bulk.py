@@ -24,7 +24,8 @@ from PIL import Image, ImageOps
 from s3_server import FAKE_SECRET, moto_s3, ray_local, s3_bucket  # noqa: F401
 
 from ssd_core import bulk
-from ssd_core.bulk import ImageDecodeError, decode_image, detect_bucket, sniff_image
+from ssd_core.bulk import detect_bucket
+from ssd_core.images import ImageDecodeError, decode_image, sniff_image
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = "ssdlite320_mobilenet_v3_large"
@@ -211,6 +212,109 @@ def test_block_id_is_order_independent_and_weight_specific():
     assert a != bulk.block_id_of(["u1", "u2"], ["e1", "CHANGED"], "W")
 
 
+# --------------------------------------------------------------------------- topology, metadata
+
+
+def _node(name: str, cpus: float, gpus: float = 0.0):
+    from ssd_core.cluster import NodeResources
+
+    return NodeResources(name, cpus, gpus)
+
+
+def test_actors_are_planned_from_the_cluster_nodes_not_the_driver():
+    from ssd_core.bulk.pipeline import plan_actors
+
+    # A CPU head (where the driver runs), two GPU workers (one with two GPUs) and a CPU-only worker.
+    mixed = [_node("head", 4), _node("gpu-a", 8, 1), _node("gpu-b", 16, 2), _node("cpu", 32)]
+    plan = plan_actors(mixed, 10_000, batch_size=16, rows_per_file=1024)
+    assert (plan.use_gpu, plan.num_gpus_per_actor, plan.min_actors, plan.max_actors) == (True, 1.0, 3, 3)
+    assert plan.block_rows == 16 and plan.threads_per_actor == 1
+    half = plan_actors(mixed, 10_000, batch_size=16, rows_per_file=1024, num_gpus_per_actor=0.5)
+    assert (half.num_gpus_per_actor, half.max_actors) == (0.5, 6)  # two actors per GPU
+    third = plan_actors(mixed, 10_000, batch_size=16, rows_per_file=1024, num_gpus_per_actor=0.4)
+    assert third.max_actors == 2 + 5  # 2 fit in one GPU, 5 in two: an actor never spans GPUs of two nodes
+    # Autoscaling: a GPU cluster that has no GPU node up yet still gets GPU actors when asked for.
+    empty = plan_actors([_node("head", 2)], 10_000, batch_size=16, rows_per_file=1024, num_gpus_per_actor=1,
+                        max_actors=8)
+    assert (empty.use_gpu, empty.min_actors, empty.max_actors) == (True, 1, 8)
+    grow = plan_actors(mixed, 10_000, batch_size=16, rows_per_file=1024, min_actors=2, max_actors=10)
+    assert (grow.min_actors, grow.max_actors) == (2, 10)
+    # No GPU anywhere: one single-threaded CPU actor per CPU of the whole cluster.
+    cpus = plan_actors([_node("head", 2), _node("w", 6)], 10**6, batch_size=16, rows_per_file=1024)
+    assert (cpus.use_gpu, cpus.num_gpus_per_actor, cpus.max_actors, cpus.threads_per_actor) == (False, 0.0, 8, 1)
+    assert cpus.block_rows == 1024
+    forced = plan_actors(mixed, 10**6, batch_size=16, rows_per_file=1024, num_gpus_per_actor=0)
+    assert (forced.use_gpu, forced.max_actors) == (False, 60)
+    # A small input: never more actors than blocks; the idle CPUs become threads (up to one node's worth).
+    small = plan_actors([_node("head", 2), _node("w", 6)], 20, batch_size=16, rows_per_file=1024)
+    assert (small.max_actors, small.threads_per_actor, small.block_rows) == (2, 4, 16)
+    assert plan_actors(mixed, 10_000, batch_size=16, rows_per_file=1024, num_actors=5).min_actors == 5
+    with pytest.raises(ValueError, match="min"):
+        plan_actors(mixed, 10_000, batch_size=16, rows_per_file=1024, min_actors=4, max_actors=2)
+
+
+def test_model_metadata_without_building_the_model(tmp_path, checkpoint, monkeypatch):
+    from ssd_core import build_model, zoo
+
+    torch.manual_seed(0)
+    foreign = build_model("ssd300_vgg16", num_classes=5)
+    torch.save(foreign.state_dict(), tmp_path / "foreign.pt")
+    expected = {
+        (str(checkpoint), None): build_model(ARCH, weights=str(checkpoint)),
+        (str(tmp_path / "foreign.pt"), "ssd300_vgg16"): build_model("ssd300_vgg16", weights=str(tmp_path / "foreign.pt")),
+        (None, ARCH): build_model(ARCH),
+    }
+
+    def no_building(*args, **kwargs):
+        raise AssertionError("the metadata reader built a model")
+
+    monkeypatch.setattr(zoo, "assemble", no_building)
+    for (weights, arch), model in expected.items():
+        meta = zoo.read_model_metadata(weights, arch)
+        assert meta.arch == model.arch and meta.num_classes == model.num_classes
+        assert list(meta.class_names) == model.class_names
+        assert meta.size == tuple(model.size)
+        assert meta.image_mean == tuple(model.image_mean.tolist()) and meta.image_std == tuple(model.image_std.tolist())
+    with pytest.raises(ValueError, match="not ssd300_vgg16"):
+        zoo.read_model_metadata(str(checkpoint), "ssd300_vgg16")
+    with pytest.raises(ValueError, match="architecture"):
+        zoo.read_model_metadata(str(tmp_path / "foreign.pt"))
+
+
+def test_jpegs_decoded_in_the_actor_match_the_read_tasks(tmp_path, checkpoint):
+    """GPU actors decode plain JPEGs themselves (nvjpeg; torchvision's CPU decoder here): same pixels,
+    sizes and statuses as the read tasks' PIL path, EXIF orientation included."""
+    from ssd_core.bulk.stages import DetectConfig, Detector, PreprocessSpec, read_and_preprocess
+    from ssd_core.zoo import read_model_metadata
+
+    gray_jpeg = _encode(Image.fromarray(_noise(70, 90, 12, 1)[..., 0], "L"), "JPEG", quality=95)
+    files = {name: data for name, data in {**good_images(), **bad_images()}.items()
+             if name.endswith((".jpg", ".JPEG")) or name == "no_extension_jpeg"}
+    files["gray.jpg"] = gray_jpeg
+    write_tree(tmp_path / "in", files)
+    listed = bulk.list_images(str(tmp_path / "in"))
+    common = dict(output_uri=str(tmp_path / "out"), run_id="r", arch=None, weights=str(checkpoint), model_name=ARCH,
+                  weights_digest="d", class_names=[], preprocess_spec=PreprocessSpec.of(read_model_metadata(str(checkpoint))))
+    on_cpu = read_and_preprocess(listed, config=DetectConfig(**common))
+    deferred_config = DetectConfig(**common, decode_in_actor=True)
+    deferred = read_and_preprocess(listed, config=deferred_config)
+    names = [uri.rsplit("/", 1)[-1] for uri in deferred["image_uri"]]
+    decoded_later = {n for n, data in zip(names, deferred["encoded"]) if len(data)}
+    assert decoded_later == {"a.jpg", "b.JPEG", "rotated.jpg", "no_extension_jpeg", "gray.jpg"}  # not CMYK, broken
+    threads = torch.get_num_threads()
+    try:
+        detector = Detector(deferred_config)
+    finally:
+        torch.set_num_threads(threads)
+    pixels, status, error, width, height = detector._decode_deferred(deferred)
+    assert status.tolist() == on_cpu["status"].tolist() and error.tolist() == on_cpu["error"].tolist()
+    assert width.tolist() == on_cpu["width"].tolist() and height.tolist() == on_cpu["height"].tolist()
+    # Both libjpeg-turbo: equal up to a level of 255 (x 255 / std 127.5 in the model's units).
+    np.testing.assert_allclose(pixels.cpu().numpy(), on_cpu["pixels"], atol=2.5 / 127.5)
+    results = detector.detect(deferred)
+    assert results["status"].to_pylist() == on_cpu["status"].tolist()
+
+
 # ---------------------------------------------------------------------------------- end to end
 
 
@@ -369,14 +473,16 @@ def test_incremental_runs_process_only_new_or_changed(local_run, checkpoint, tmp
 
 def test_object_deleted_between_listing_and_reading(tmp_path, checkpoint, monkeypatch, ray_local):  # noqa: F811
     write_tree(tmp_path / "in", {"keep.jpg": good_images()["photos/a.jpg"], "gone.jpg": good_images()["cmyk.jpg"]})
-    real_list = bulk.list_images
+    from ssd_core.bulk import pipeline
 
-    def list_then_delete(uri, storage_options=None):
-        listing = real_list(uri, storage_options)
+    real_find = pipeline.find_pending
+
+    def find_then_delete(*args, **kwargs):
+        pending = real_find(*args, **kwargs)
         (tmp_path / "in" / "gone.jpg").unlink()
-        return listing
+        return pending
 
-    monkeypatch.setattr(bulk, "list_images", list_then_delete)
+    monkeypatch.setattr(pipeline, "find_pending", find_then_delete)
     summary = detect_bucket(str(tmp_path / "in"), str(tmp_path / "out"), weights=str(checkpoint),
                             score_threshold=SCORE, precision="fp32", progress=False)
     assert (summary["ok"], summary["error"]) == (1, 1)
@@ -464,3 +570,9 @@ def test_killed_run_then_rerun_gives_exactly_once(tmp_path, checkpoint):
     assert detections.num_rows == sum(ledger.values()) > 0
     keys = duckdb.sql("SELECT count(*) FROM (SELECT DISTINCT image_uri, label, score, x1, y1, x2, y2 FROM detections)").fetchall()[0][0]
     assert keys == detections.num_rows  # no duplicated boxes
+    # Any engine reading the table paths recursively sees the same rows: nothing staged, nothing orphaned.
+    import pandas as pd
+
+    assert len(pd.read_parquet(output / "detections")) == detections.num_rows
+    assert sorted(pd.read_parquet(output / "images")["image_uri"]) == sorted(uris)
+    assert not list((output / "_staging").rglob("*.parquet"))

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from s3_server import moto_s3, s3_bucket  # noqa: F401
 
-from ssd_core import bulk
+from ssd_core.bulk.stages import DetectConfig, write_block
 from ssd_core.cli import main as cli_main
 from ssd_core.query import query
 
@@ -52,20 +52,20 @@ def _results(uris: list[str], seed: int) -> pa.Table:
 def write_output(output: str, storage_options=None) -> None:
     """Two runs of two blocks each, plus an uncommitted detections file (a killed run's leftover)."""
     for run_id, seed in (("run-a", 0), ("run-b", 1)):
-        config = bulk.DetectConfig(
+        config = DetectConfig(
             output_uri=output, run_id=run_id, arch="x", weights=None, model_name="ssdlite_test",
             weights_digest=f"digest-{run_id}", class_names=CLASS_NAMES,
         )
         for block in range(2):
             uris = [f"s3://bucket/{run_id}/{block}/img{i}.jpg" for i in range(6)]
-            bulk._write_block(_results(uris, seed * 10 + block), config=config)
-    leftover = bulk.DetectConfig(
+            write_block(_results(uris, seed * 10 + block), config=config)
+    leftover = DetectConfig(
         output_uri=output, run_id="run-c", arch="x", weights=None, model_name="ssdlite_test",
         weights_digest="digest-c", class_names=CLASS_NAMES,
     )
     uris = [f"s3://bucket/killed/img{i}.jpg" for i in range(4)]
     table = _results(uris, 99)
-    bulk._write_block(table, config=leftover)
+    write_block(table, config=leftover)
     # Remove the ledger file of that block: its detections must not be visible.
     from ssd_core import storage
 
@@ -161,10 +161,10 @@ def test_query_on_s3_with_env_endpoint(moto_s3, s3_bucket, local_output):  # noq
 
 def test_an_empty_block_commits_nothing(tmp_path):
     """A block whose objects were all sniffed away (extension-less, not images) writes no files."""
-    config = bulk.DetectConfig(
+    config = DetectConfig(
         output_uri=str(tmp_path), run_id="r", arch="x", weights=None, model_name="m", weights_digest="d",
         class_names=CLASS_NAMES,
     )
-    summary = bulk._write_block(_results(["s3://b/x.jpg", "s3://b/y.jpg"], 0).slice(0, 0), config=config)
-    assert summary.to_pylist() == [{"images": 0, "ok": 0, "error": 0, "detections": 0}]
+    summary = write_block(_results(["s3://b/x.jpg", "s3://b/y.jpg"], 0).slice(0, 0), config=config)
+    assert summary.to_pylist() == [{"images": 0, "ok": 0, "error": 0, "detections": 0, "nodes": "{}"}]
     assert not list(tmp_path.rglob("*.parquet"))

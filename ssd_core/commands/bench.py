@@ -1,4 +1,4 @@
-"""`ssd bench infer|train|detect|learn`: side-by-side figures and ratios."""
+"""`ssd bench infer|train|detect|ledger|learn`: side-by-side figures and ratios."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 # Sub-benchmarks owned by other modules: (module, function adding the sub-parser).
-_EXTERNAL = [("ssd_core.commands.bench_detect", "register_bench"), ("ssd_core.learn", "register_bench")]
+_EXTERNAL = [("ssd_core.commands.bench_detect", "register_bench"), ("ssd_core.commands.bench_ledger", "register_bench"),
+             ("ssd_core.learn", "register_bench")]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -119,7 +119,8 @@ def bench_detect(args: argparse.Namespace) -> dict[str, Any]:
     from ssd_core import build_model
     from ssd_core.allocator import tune_allocator
     from ssd_core.bench import _torchvision_pair
-    from ssd_core.bulk import _init_ray, decode_image
+    from ssd_core.cluster import init_ray
+    from ssd_core.images import decode_image
     from ssd_core.inference import optimize_for_inference
 
     tune_allocator()  # as the pipeline's actors do: the model-only and naive figures get it too
@@ -131,7 +132,7 @@ def bench_detect(args: argparse.Namespace) -> dict[str, Any]:
         for path in paths[: max(1, args.images // 4)]:
             if not (quarter / path.name).exists():
                 (quarter / path.name).hardlink_to(path)
-        _init_ray()  # the local cluster's own start is not part of any figure (actor start-up is)
+        init_ray()  # the local cluster's own start is not part of any figure (actor start-up is)
 
         # One set of random weights for all three: torchvision's model (He init for SSDLite, so scores are
         # not all 1/91 and post-processing gets a realistic load), saved as the pipeline's --weights.

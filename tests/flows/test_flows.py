@@ -28,6 +28,37 @@ def test_detect_waits_for_the_output_lock_and_writes_nothing_meanwhile(prefect_h
     assert not output.exists()
 
 
+def test_compaction_holds_the_detect_lock_of_its_output(prefect_harness, tmp_path):
+    """compact-output waits for a detection of the same output (the same lock), then compacts."""
+    import pyarrow as pa
+    from prefect.concurrency.sync import concurrency
+
+    from flows.detect import compact_output_flow, ensure_lock, output_lock_name
+    from ssd_core.bulk import ledger
+    from ssd_core.query import query
+
+    output = str(tmp_path / "detections")
+    for block in range(3):
+        uris = [f"s3://b/{block}-{i}.jpg" for i in range(2)]
+        images = ledger.images_schema().empty_table().to_pydict()
+        images.update(image_uri=uris, size_bytes=[1, 2], etag=["e", "e"], status=["ok", "ok"],
+                      weights_digest=["w", "w"], block_id=[str(block)] * 2)
+        images = {k: v or [None, None] for k, v in images.items()}
+        ledger.commit_block(output, "r", str(block), ledger.detections_schema().empty_table(),
+                            pa.table(images, schema=ledger.images_schema()))
+    before = sorted(query(output, "SELECT image_uri FROM images")["image_uri"].to_pylist())
+    files = sorted(p.name for p in (tmp_path / "detections").rglob("*.parquet"))
+    lock = output_lock_name(output)
+    ensure_lock(lock)
+    with concurrency(lock, occupy=1, strict=True):  # a detection of this output is running
+        state = compact_output_flow(output=output, wait_seconds=2, return_state=True)
+    assert state.is_failed()
+    assert sorted(p.name for p in (tmp_path / "detections").rglob("*.parquet")) == files  # untouched
+    summary = compact_output_flow(output=output)
+    assert (summary["files_before"], summary["files_after"]) == (6, 2)
+    assert sorted(query(output, "SELECT image_uri FROM images")["image_uri"].to_pylist()) == before
+
+
 def test_output_lock_is_created_once_with_one_slot(prefect_harness, tmp_path):
     from prefect.client.orchestration import get_client
 
@@ -97,12 +128,12 @@ def test_server_takes_the_null_paging_prefects_client_sends(prefect_harness):
         assert [w.name for w in client.read_workers_for_work_pool(pool)] == ["worker-a"]
 
 
-def test_prefect_yaml_declares_the_four_deployments_on_the_process_pool():
+def test_prefect_yaml_declares_the_deployments_on_the_process_pool():
     from prefect.flows import load_flow_from_entrypoint
 
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
-    assert set(deployments) == {"train-ssd", "evaluate-ssd", "detect-bucket", "download-coco"}
+    assert set(deployments) == {"train-ssd", "evaluate-ssd", "detect-bucket", "compact-output", "download-coco"}
     for name, deployment in deployments.items():
         assert deployment["work_pool"]["name"] == "ssd-process"
         flow = load_flow_from_entrypoint(str(REPO / deployment["entrypoint"]))
