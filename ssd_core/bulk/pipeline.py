@@ -37,7 +37,7 @@ from ssd_core.bulk.stages import (
     read_and_preprocess,
     write_block,
 )
-from ssd_core.cluster import NodeResources, init_ray
+from ssd_core.cluster import NodeResources, cluster_nodes, init_ray
 from ssd_core.images import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
@@ -130,8 +130,6 @@ def detect_bucket(
         "ok": 0, "error": 0, "detections": 0, "detected_on": {},
     }
     if pending.num_rows:
-        from ssd_core.cluster import cluster_nodes
-
         init_ray()
         plan = plan_actors(
             cluster_nodes(), pending.num_rows, batch_size=batch_size, rows_per_file=rows_per_file,
