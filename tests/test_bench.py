@@ -55,7 +55,9 @@ def test_bench_detect_cli_runs_the_pipeline_model_and_naive_loop(tmp_path, ray_l
     assert code == 0
     result = json.loads(out.read_text())
     rates = result["images_per_s"]
-    assert all(rates[name] > 0 for name in ("pipeline", "pipeline_quarter", "steady", "model_only", "naive"))
+    assert all(rates[name] > 0 for name in ("pipeline", "pipeline_quarter", "steady", "model_only", "naive",
+                                            "read_decode_resize_per_cpu"))
+    assert rates["steady_per_actor"] == pytest.approx(rates["steady"] / result["actors"], rel=1e-2)
     assert result["quarter_images"] == 4
     # Figures are rounded to 3 decimals, and these tiny runs give ratios of a few hundredths.
     assert result["quarter_efficiency_vs_model"] == pytest.approx(rates["pipeline_quarter"] / rates["model_only"],

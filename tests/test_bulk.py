@@ -172,6 +172,27 @@ def test_sniff_image():
     assert sniff_image(b"hello world, text") is None
 
 
+def test_prediction_and_bulk_see_the_same_pixels(tmp_path):
+    """One decoder: `ssd predict`'s reader, bulk's read tasks and its actor-side JPEG path give the same
+    uint8 RGB for the awkward cases (16-bit PNG, EXIF-rotated JPEG, palette PNG with transparency, CMYK)."""
+    from ssd_core.bulk.stages import apply_orientation, jpeg_header
+    from ssd_core.predict import read_image
+
+    files = {name: good_images()[name] for name in ("gray16.png", "rotated.jpg", "palette.png", "cmyk.jpg")}
+    write_tree(tmp_path, files)
+    for name, data in files.items():
+        reference = reference_rgb(data)
+        np.testing.assert_array_equal(decode_image(data), reference)
+        np.testing.assert_array_equal(read_image(tmp_path / name), reference)
+    # The actor path takes the plain JPEG only; its orientation and size match the decoder's.
+    (height, width), orientation = jpeg_header(files["rotated.jpg"], 10**8)
+    stored = torch.from_numpy(np.asarray(Image.open(io.BytesIO(files["rotated.jpg"])).convert("RGB")).copy())
+    oriented = apply_orientation(stored.permute(2, 0, 1), orientation).permute(1, 2, 0).numpy()
+    assert oriented.shape[:2] == (height, width)
+    np.testing.assert_array_equal(oriented, reference_rgb(files["rotated.jpg"]))
+    assert jpeg_header(files["cmyk.jpg"], 10**8) is None
+
+
 # ------------------------------------------------------------------------------ listing, ledger
 
 

@@ -38,7 +38,7 @@ from ssd_core.bulk.stages import (
     read_and_preprocess,
     write_block,
 )
-from ssd_core.cluster import NodeResources, init_ray
+from ssd_core.cluster import NodeResources, cluster_nodes, init_ray
 from ssd_core.images import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,6 @@ def detect_bucket(
         metadata = read_model_metadata(weights, arch)  # the driver never builds the network
         summary["model"] = metadata.arch
     if pending.num_rows:
-        from ssd_core.cluster import cluster_nodes
-
         init_ray()
         plan = plan_actors(
             cluster_nodes(), pending.num_rows, batch_size=batch_size, rows_per_file=rows_per_file,

@@ -327,7 +327,8 @@ class Detector:
         spec: PreprocessSpec = self.config.preprocess_spec
         status, error = batch["status"].copy(), batch["error"].copy()
         width, height = batch["width"].copy(), batch["height"].copy()
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)
+        pixels = batch["pixels"]
+        pixels = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy()).to(self.device)  # written below
         rows = [i for i, data in enumerate(batch["encoded"]) if len(data)]
         tensors = [torch.from_numpy(np.frombuffer(batch["encoded"][i], dtype=np.uint8).copy()) for i in rows]
 

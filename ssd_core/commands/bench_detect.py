@@ -71,8 +71,8 @@ def write_jpeg_bucket(folder: Path, count: int, *, height: int = 480, width: int
     return paths
 
 
-def _pipeline_seconds(bucket: Path, output: Path, weights: Path, args: argparse.Namespace) -> tuple[int, float]:
-    """(images written, seconds) of one `detect_bucket` run into a fresh output, on a settled cluster."""
+def _pipeline_seconds(bucket: Path, output: Path, weights: Path, args: argparse.Namespace) -> tuple[int, float, int]:
+    """(images written, seconds, actors) of one `detect_bucket` run into a fresh output, on a settled cluster."""
     from ssd_core.bulk import detect_bucket
 
     time.sleep(SETTLE_S)
@@ -80,7 +80,31 @@ def _pipeline_seconds(bucket: Path, output: Path, weights: Path, args: argparse.
         str(bucket), str(output), arch=args.arch, weights=str(weights), batch_size=args.batch_size,
         score_threshold=args.score_threshold, precision=args.precision, progress=False,
     )
-    return summary["ok"] + summary["error"], summary["seconds"]
+    return summary["ok"] + summary["error"], summary["seconds"], summary["actors"]["max"]
+
+
+def _read_tasks_images_per_s(paths: list[Path], args: argparse.Namespace) -> float:
+    """What one CPU does of the CPU tasks in front of GPU actors: read, decode, resize and normalise
+    (`read_and_preprocess` on one thread, in-process), in batches of --batch-size."""
+    import pyarrow as pa
+    import torch
+
+    from ssd_core.bulk.stages import DetectConfig, PreprocessSpec, read_and_preprocess
+    from ssd_core.zoo import read_model_metadata
+
+    config = DetectConfig(output_uri="", run_id="bench", arch=args.arch, weights=None, model_name=args.arch,
+                          weights_digest="", class_names=[], preprocess_spec=PreprocessSpec.of(read_model_metadata(None, args.arch)))
+    listing = pa.table({"image_uri": [str(p) for p in paths], "size_bytes": [p.stat().st_size for p in paths],
+                        "etag": [""] * len(paths), "sniff": [False] * len(paths)})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        started = time.perf_counter()
+        for start in range(0, len(paths), args.batch_size):
+            read_and_preprocess(listing.slice(start, args.batch_size), config=config)
+        return len(paths) / (time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _model_only_images_per_s(model, batches: list, sizes: list) -> float:
@@ -152,18 +176,21 @@ def bench_detect(args: argparse.Namespace) -> dict[str, Any]:
             batches.append(batch), sizes.append(size)
 
         figures: dict[str, list[float]] = {"pipeline": [], "pipeline_quarter": [], "steady": [], "startup_s": [],
-                                           "model_only": [], "naive": []}
+                                           "model_only": [], "naive": [], "steady_per_actor": [],
+                                           "read_decode_resize_per_cpu": []}
         for repeat in range(args.repeats):
-            count, seconds = _pipeline_seconds(work / "bucket", work / f"out-{repeat}", weights, args)
-            small_count, small_seconds = _pipeline_seconds(quarter, work / f"out-quarter-{repeat}", weights, args)
+            count, seconds, actors = _pipeline_seconds(work / "bucket", work / f"out-{repeat}", weights, args)
+            small_count, small_seconds, _ = _pipeline_seconds(quarter, work / f"out-quarter-{repeat}", weights, args)
             steady = (count - small_count) / max(seconds - small_seconds, 1e-9)
             figures["pipeline"].append(count / seconds)
             figures["pipeline_quarter"].append(small_count / small_seconds)
             figures["steady"].append(steady)
             figures["startup_s"].append(small_seconds - small_count / steady)
+            figures["steady_per_actor"].append(steady / actors)
             time.sleep(SETTLE_S)  # the last run's actors exit before the model-only figure, too
             figures["model_only"].append(_model_only_images_per_s(model, batches, sizes))
             figures["naive"].append(_naive_images_per_s(paths[: args.naive_images], work / f"naive-{repeat}", tv_model))
+            figures["read_decode_resize_per_cpu"].append(_read_tasks_images_per_s(model_paths, args))
     medians = {name: statistics.median(values) for name, values in figures.items()}
     return {
         "arch": args.arch, "images": args.images, "model_images": len(model_paths),
@@ -172,7 +199,9 @@ def bench_detect(args: argparse.Namespace) -> dict[str, Any]:
         "score_threshold": args.score_threshold, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
         "quarter_images": small_count,
         "images_per_s": {name: round(medians[name], 3)
-                         for name in ("pipeline", "pipeline_quarter", "steady", "model_only", "naive")},
+                         for name in ("pipeline", "pipeline_quarter", "steady", "model_only", "naive",
+                                      "steady_per_actor", "read_decode_resize_per_cpu")},
+        "actors": actors,
         "startup_s": round(medians["startup_s"], 2),
         "runs": {name: [round(v, 3) for v in values] for name, values in figures.items()},
         "efficiency_vs_model": round(medians["pipeline"] / medians["model_only"], 3),
@@ -192,6 +221,9 @@ def _run(args: argparse.Namespace) -> int:
     print(f"{'  the same on a quarter of the bucket':<44} {rate['pipeline_quarter']:>10.2f}   "
           f"({result['quarter_images']} images)")
     print(f"{'  steady rate, after start-up':<44} {rate['steady']:>10.2f}   (start-up {result['startup_s']:.1f} s)")
+    print(f"{'  per actor (steady / ' + str(result['actors']) + ' actors)':<44} {rate['steady_per_actor']:>10.2f}")
+    print(f"{'read + decode + resize, one CPU':<44} {rate['read_decode_resize_per_cpu']:>10.2f}   "
+          "(the CPU tasks in front of GPU actors)")
     print(f"{'(a) model forward + post-processing alone':<44} {rate['model_only']:>10.2f}")
     print(f"{'(b) naive loop (PIL, torchvision, batch 1)':<44} {rate['naive']:>10.2f}")
     efficiency, speedup = result["efficiency_vs_model"], result["speedup_vs_naive"]

@@ -118,9 +118,13 @@ def test_credentials_come_from_irsa_or_a_secret_never_a_manifest(k8s_documents):
     assert not set(config_map["data"]) & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
 
 
-def _train_entrypoint(k8s_documents) -> tuple[list[str], dict]:
-    (job,) = _by_kind(k8s_documents, "RayJob")
+def _rayjob(k8s_documents, name: str) -> tuple[list[str], dict]:
+    (job,) = [doc for doc in _by_kind(k8s_documents, "RayJob") if doc["metadata"]["name"] == name]
     return shlex.split(job["spec"]["entrypoint"]), job
+
+
+def _train_entrypoint(k8s_documents) -> tuple[list[str], dict]:
+    return _rayjob(k8s_documents, "ssd-train")
 
 
 def test_rayjob_trains_ssd300_on_as_many_gpus_as_it_asks_for(k8s_documents):
@@ -150,6 +154,45 @@ def test_rayjob_entrypoint_is_accepted_by_the_ssd_command(k8s_documents):
 
     args = build_parser().parse_args(argv[1:])
     assert args.gpu is True and args.workers == int(argv[argv.index("--workers") + 1])
+
+
+def _group_resources(job: dict) -> dict[str, tuple[int, float, int]]:
+    """groupName -> (GPUs per pod, CPUs per pod, maxReplicas) of a RayJob's worker groups."""
+    groups = {}
+    for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        (container,) = group["template"]["spec"]["containers"]
+        limits = container["resources"]["limits"]
+        groups[group["groupName"]] = (int(limits.get("nvidia.com/gpu", 0)), float(limits["cpu"]), group["maxReplicas"])
+    return groups
+
+
+def test_rayjob_detect_runs_its_actors_on_the_gpu_workers_not_the_cpu_head(k8s_documents):
+    """The driver runs on a head without CPUs for work or GPUs; the entrypoint asks for GPU actors and
+    lets the pool grow to exactly the GPUs the worker groups can hold, as the real CLI parses it."""
+    from ssd_core.bulk.pipeline import plan_actors
+    from ssd_core.cli import build_parser
+    from ssd_core.cluster import NodeResources
+
+    argv, job = _rayjob(k8s_documents, "ssd-detect")
+    assert argv[:2] == ["ssd", "detect"]
+    args = build_parser().parse_args(argv[1:])
+    assert args.input.startswith("s3://") and args.output.startswith("s3://") and args.weights.startswith("s3://")
+    assert job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    groups = _group_resources(job)
+    gpus = sum(per_pod * replicas for per_pod, _, replicas in groups.values())
+    assert args.num_gpus_per_actor > 0 and args.max_actors * args.num_gpus_per_actor == gpus
+    # The actor plan for the full cluster, and for the moment the job starts with no GPU pod up yet.
+    nodes = [NodeResources("head", 0, 0)] + [
+        NodeResources(f"{name}-{i}", cpus, per_pod) for name, (per_pod, cpus, replicas) in groups.items()
+        for i in range(replicas)
+    ]
+    kwargs = dict(batch_size=args.batch_size, rows_per_file=args.rows_per_file,
+                  num_gpus_per_actor=args.num_gpus_per_actor, max_actors=args.max_actors)
+    full = plan_actors(nodes, 10**6, **kwargs)
+    assert (full.use_gpu, full.max_actors) == (True, gpus)
+    starting = plan_actors(nodes[:1], 10**6, **kwargs)
+    assert (starting.use_gpu, starting.min_actors, starting.max_actors) == (True, 1, gpus)
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
 
 
 def test_work_pool_template_passes_prefects_validation(work_pool_template):
