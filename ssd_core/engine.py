@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -115,6 +115,7 @@ class TrainConfig:
     device: str = "auto"  # cpu | cuda | auto
     threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
     resume: bool = False
+    overwrite: bool = False  # start afresh in a run folder that already holds a run (its files are deleted)
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -164,6 +165,8 @@ class TrainConfig:
             raise ValueError(f"workers (loader processes) must be >= 0, got {self.workers}")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run or replace it")
 
 
 # -- where the loop runs ---------------------------------------------------------------------------
@@ -197,6 +200,10 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def claim_output(self, config: TrainConfig) -> None:
+        """Refuse to start a fresh run over an existing one (see `claim_run_folder`)."""
+        claim_run_folder(self.output, resume=config.resume, overwrite=config.overwrite)
+
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Move to the device (Ray: and wrap in DistributedDataParallel)."""
         return model.to(self.device)
@@ -226,6 +233,30 @@ class Runtime:
 
     def report(self, metrics: dict[str, Any]) -> None:
         """Per-epoch metrics (local: already in metrics.jsonl, nothing more to do)."""
+
+
+# Files a run writes into RUN_DIR; a folder with one of RUN_MARKERS already holds a run.
+RUN_MARKERS = ("last.pt", "metrics.jsonl")
+RUN_FILES = (*RUN_MARKERS, "best.pt", "config.json", "curves.png")
+
+
+def claim_run_folder(output: str, *, resume: bool, overwrite: bool, also: Sequence[str] = ()) -> None:
+    """Make `output` ready for a run. A folder that already holds one (last.pt or metrics.jsonl, or any
+    of the `also` locations, e.g. Ray's checkpoints of the run) is refused unless `resume` (continue it)
+    or `overwrite` (delete that run's files, then start afresh); other files in the folder are kept."""
+    if resume:
+        return
+    found = [name for name in RUN_MARKERS if exists(join_uri(output, name))] + [uri for uri in also if exists(uri)]
+    if not found:
+        return
+    if not overwrite:
+        raise ValueError(f"{output} already holds a run ({', '.join(found)}); pass --resume to continue it "
+                         "or --overwrite to replace it")
+    from ssd_core.storage import remove
+
+    for uri in [join_uri(output, name) for name in RUN_FILES] + list(also):
+        if remove(uri):
+            log.info("--overwrite: deleted %s", uri)
 
 
 # -- data: reproducible, resumable batches ---------------------------------------------------------
@@ -630,6 +661,7 @@ def fit(config: TrainConfig, runtime: Runtime | None = None) -> dict[str, Any]:
     config = config.resolved(runtime.world_size)
     if config.threads:
         torch.set_num_threads(config.threads)
+    runtime.claim_output(config)
     resume_from = runtime.restore_checkpoint()
     payload = read_checkpoint(resume_from) if resume_from else None
     if payload is not None:

@@ -220,6 +220,40 @@ def test_resume_mid_epoch_ends_with_the_uninterrupted_weights(tiny_data, tmp_pat
     assert resumed["AP50"] == pytest.approx(straight["AP50"], abs=1e-6)
 
 
+# -- the run folder -----------------------------------------------------------------------------------
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(tiny_data, tmp_path, capsys):
+    from ssd_core.cli import main
+
+    run_dir = tmp_path / "run"
+    fit(tiny_config(tiny_data, run_dir, max_steps=2, log_every=1))
+    (run_dir / "notes.txt").write_text("kept")
+    before = {name: (run_dir / name).read_bytes() for name in ("last.pt", "metrics.jsonl", "config.json")}
+
+    code = main(["train", "--arch", ARCH, "--data", str(tiny_data), "--output", str(run_dir), "--epochs", "2",
+                 "--batch-size", "4", "--size", "96", "--precision", "fp32", "--loader-workers", "0",
+                 "--max-steps", "3", "--no-progress"])
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(errors) == 1, errors
+    assert "already holds a run (last.pt, metrics.jsonl); pass --resume" in errors[0] and "--overwrite" in errors[0]
+    assert {name: (run_dir / name).read_bytes() for name in before} == before  # nothing touched
+
+    def steps_logged() -> list[int]:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return [r["step"] for r in map(json.loads, lines) if r["kind"] == "train"]
+
+    resumed = fit(tiny_config(tiny_data, run_dir, max_steps=3, log_every=1, resume=True))
+    assert resumed["step"] == 3 and steps_logged() == [1, 2, 3]
+
+    fresh = fit(tiny_config(tiny_data, run_dir, max_steps=1, log_every=1, overwrite=True))
+    assert fresh["step"] == 1 and steps_logged() == [1]
+    assert read_checkpoint(str(run_dir / "last.pt"))["state"]["step"] == 1
+    assert (run_dir / "notes.txt").read_text() == "kept"
+    with pytest.raises(ValueError, match="exclude each other"):
+        fit(tiny_config(tiny_data, run_dir, resume=True, overwrite=True))
+
+
 # -- it learns ----------------------------------------------------------------------------------------
 
 

@@ -75,6 +75,8 @@ def config_from_args(args: argparse.Namespace, **defaults: Any) -> Any:
         values["model"] = {**values.get("model", {}), "size": args.size}
     if getattr(args, "resume", False):
         values["resume"] = True
+    if getattr(args, "overwrite", False):
+        values["overwrite"] = True
     if args.no_progress:
         values["progress"] = False
     return TrainConfig.from_dict(values)
@@ -86,11 +88,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train an SSD (progress bar, metrics.jsonl, curves.png, last.pt/best.pt checkpoints)",
         description="Train an SSD on a COCO-format dataset. Writes RUN_DIR/config.json, metrics.jsonl, "
         "curves.png, last.pt (every epoch and every --checkpoint-every steps) and best.pt (best AP); "
-        "--resume continues a stopped run exactly where it stopped.",
+        "--resume continues a stopped run exactly where it stopped; a RUN_DIR that already holds a run is "
+        "refused unless --resume or --overwrite is given.",
     )
     add_training_arguments(parser)
     parser.add_argument("--epochs", type=int, default=None, metavar="E")
-    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last.pt")
+    existing.add_argument("--overwrite", action="store_true", help="delete the run already in RUN_DIR (checkpoints, "
+                          "metrics, Ray checkpoints) and start afresh; without --resume or --overwrite such a "
+                          "RUN_DIR is refused")
     parser.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
                         help="also checkpoint every STEPS steps (default: every epoch only)")
     parser.add_argument("--eval-every", type=int, default=None, metavar="EPOCHS", help="0: only after the last epoch")
