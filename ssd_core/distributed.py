@@ -128,6 +128,16 @@ class RayRuntime(engine.Runtime):
 
         ray.train.report(metrics)
 
+    def sum_over_ranks(self, value: int) -> int:
+        import torch
+        import torch.distributed as dist
+
+        if self.world_size == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(total)
+        return int(total.item())
+
     def close(self) -> None:
         shutil.rmtree(self._scratch, ignore_errors=True)
 
@@ -230,7 +240,9 @@ def fit_distributed(
         # Each rank times itself, so ranks could stop on different steps and block each other in the
         # next all-reduce; until the engine agrees on the stop across ranks, refuse rather than hang.
         raise ValueError("time_budget_s is not supported with more than one Ray worker; use max_steps or epochs")
-    config = replace(config, data=_absolute(config.data), output=_absolute(config.output))
+    config = replace(config, data=_absolute(config.data) if config.data else "", output=_absolute(config.output),
+                     **{name: _absolute(value) for name in ("train_images", "train_annotations", "val_images",
+                                                            "val_annotations") if (value := getattr(config, name))})
     config.resolved(num_workers)  # configuration errors here, not in every worker
     storage_path = _absolute(storage_path or join_uri(config.output, RAY_STORAGE_SUBDIR))
     run_name = run_name or os.path.basename(config.output.rstrip("/")) or "ssd"

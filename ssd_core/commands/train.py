@@ -25,8 +25,15 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     from ssd_core.precision import PRECISIONS
 
     parser.add_argument("--arch", default=None, help="architecture (default ssdlite320_mobilenet_v3_large)")
-    parser.add_argument("--data", required=True, metavar="DIR", help="dataset root (local or s3://) with "
-                        "annotations/instances_{train,val}.json and {train,val}/")
+    parser.add_argument("--data", metavar="DIR", help="dataset root (local or s3://) with "
+                        "annotations/instances_{train,val}.json and {train,val}/, or COCO 2017 as downloaded "
+                        "(annotations/instances_{train,val}2017.json, {train,val}2017/)")
+    for split in ("train", "val"):
+        parser.add_argument(f"--{split}-images", metavar="DIR", help=f"{split} image folder (local or s3://), "
+                            f"with --{split}-annotations instead of --data's layout")
+        parser.add_argument(f"--{split}-annotations", metavar="JSON", help=f"{split} COCO annotation file")
+    parser.add_argument("--strict", action="store_true", help="fail on a missing or undecodable training image "
+                        "(default: skip it with a warning and count it in metrics.jsonl)")
     parser.add_argument("--output", required=True, metavar="RUN_DIR", help="run directory (local or s3://)")
     parser.add_argument("--batch-size", type=int, default=None, metavar="B", help="images per step (per worker)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate for the total batch "
@@ -61,7 +68,8 @@ def config_from_args(args: argparse.Namespace, **defaults: Any) -> Any:
         "schedule": "schedule", "milestones": "milestones", "gamma": "gamma", "precision": "precision",
         "augment": "augment", "loader_workers": "workers", "seed": "seed", "device": "device",
         "eval_max_images": "eval_max_images", "epochs": "epochs", "checkpoint_every": "checkpoint_every",
-        "eval_every": "eval_every", "max_steps": "max_steps",
+        "eval_every": "eval_every", "max_steps": "max_steps", "train_images": "train_images",
+        "train_annotations": "train_annotations", "val_images": "val_images", "val_annotations": "val_annotations",
     }
     for arg_name, field_name in mapping.items():
         value = getattr(args, arg_name, None)
@@ -77,6 +85,8 @@ def config_from_args(args: argparse.Namespace, **defaults: Any) -> Any:
         values["resume"] = True
     if getattr(args, "overwrite", False):
         values["overwrite"] = True
+    if getattr(args, "strict", False):
+        values["strict"] = True
     if args.no_progress:
         values["progress"] = False
     return TrainConfig.from_dict(values)

@@ -26,5 +26,7 @@ def test_synth_then_stats(tmp_path, capsys):
 def test_stats_on_missing_dataset_is_one_line_error(tmp_path, capsys):
     assert main(["data", "stats", str(tmp_path / "nowhere")]) == 1
     error = capsys.readouterr().err.strip()
-    assert error.startswith("ssd data: error:") and "instances_val.json: annotation file not found" in error
+    assert error.startswith("ssd data: error:")
+    assert ("nowhere: annotation file not found for split 'val' (neither annotations/instances_val.json nor "
+            "annotations/instances_val2017.json)") in error
     assert "\n" not in error
