@@ -122,6 +122,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False  # start afresh in a run folder that already holds a run (its files are deleted)
     strict: bool = False  # fail on a missing or undecodable training image instead of skipping it
+    tensorboard: bool = True  # event files in RUN_DIR/tensorboard (MLflow: set MLFLOW_TRACKING_URI)
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -257,7 +258,7 @@ class Runtime:
 
 # Files a run writes into RUN_DIR; a folder with one of RUN_MARKERS already holds a run.
 RUN_MARKERS = ("last.pt", "metrics.jsonl")
-RUN_FILES = (*RUN_MARKERS, "best.pt", "config.json", "curves.png")
+RUN_FILES = (*RUN_MARKERS, "best.pt", "config.json", "curves.png", "tensorboard", "mlflow.json")
 
 
 def claim_run_folder(output: str, *, resume: bool, overwrite: bool, also: Sequence[str] = ()) -> None:
@@ -625,9 +626,11 @@ def evaluate(
 class MetricsLog:
     """RUN_DIR/metrics.jsonl: one JSON object per line. Local files are appended to; on s3:// the whole
     (small) file is rewritten, as objects cannot be appended to. On resume, records beyond the resumed
-    step (written after the checkpoint by the interrupted run) are dropped."""
+    step (written after the checkpoint by the interrupted run) are dropped. Every record also goes to the
+    experiment trackers (`ssd_core.tracking`: TensorBoard, MLflow) chosen by `config`; `close(result)`
+    ends them."""
 
-    def __init__(self, output: str, *, resume_step: int | None) -> None:
+    def __init__(self, output: str, *, resume_step: int | None, config: dict[str, Any] | None = None) -> None:
         self.path = join_uri(output, "metrics.jsonl")
         self.records: list[dict[str, Any]] = []
         if resume_step is not None and exists(self.path):
@@ -635,12 +638,23 @@ class MetricsLog:
 
             self.records = [r for r in read_metrics_jsonl(self.path) if int(r.get("step", 0)) <= resume_step]
         self._rewrite()
+        self.trackers: list[Any] = []
+        if config is not None:
+            from ssd_core.tracking import trackers_for
+
+            self.trackers = trackers_for(output, config, resume_step=resume_step)
+
+    def close(self, result: dict[str, Any]) -> None:
+        for tracker in self.trackers:
+            tracker.close(result)
 
     def _rewrite(self) -> None:
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in self.records).encode())
 
     def append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        for tracker in self.trackers:
+            tracker.log(record)
         if is_s3(self.path):
             self._rewrite()
             return
@@ -778,7 +792,8 @@ def fit(config: TrainConfig, runtime: Runtime | None = None) -> dict[str, Any]:
         restore_rng_state(payload["rng"])
     del payload
 
-    metrics_log = MetricsLog(config.output, resume_step=state.step if resume_from else None) if runtime.is_main else None
+    metrics_log = MetricsLog(config.output, resume_step=state.step if resume_from else None,
+                             config=config.to_dict()) if runtime.is_main else None
     if runtime.is_main:
         write_json(join_uri(config.output, "config.json"), config.to_dict())
         log.info("training %s on %s: %d images, %d classes, %d steps/epoch, lr %.4g, %s, precision %s, device %s",
@@ -847,7 +862,7 @@ def fit(config: TrainConfig, runtime: Runtime | None = None) -> dict[str, Any]:
                  loader_rate, config.workers, train_rate, "is" if loader_rate < train_rate else "is not")
         log_record({"kind": "throughput", "step": state.step, "loader_images_per_s": loader_rate,
                     "train_images_per_s": train_rate})
-    return {
+    result = {
         **(last_eval or {}),
         **{f"train_{k}": v for k, v in last_summary.items()},
         "epoch": state.epoch, "step": state.step, "train_time_s": state.train_time_s,
@@ -855,6 +870,9 @@ def fit(config: TrainConfig, runtime: Runtime | None = None) -> dict[str, Any]:
         "skipped_images": state.skipped_images,
         "checkpoint": join_uri(config.output, "last.pt"), "precision": precision,
     }
+    if metrics_log is not None:
+        metrics_log.close(result)
+    return result
 
 
 def probe_loader(loader: DataLoader, config: TrainConfig) -> float | None:

@@ -55,6 +55,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None)
     parser.add_argument("--eval-max-images", type=int, default=None, metavar="N", help="evaluate on the first N val images")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files in RUN_DIR/"
+                        "tensorboard (metrics also go to MLflow when MLFLOW_TRACKING_URI is set)")
 
 
 def config_from_args(args: argparse.Namespace, **defaults: Any) -> Any:
@@ -87,6 +89,8 @@ def config_from_args(args: argparse.Namespace, **defaults: Any) -> Any:
         values["overwrite"] = True
     if getattr(args, "strict", False):
         values["strict"] = True
+    if getattr(args, "no_tensorboard", False):
+        values["tensorboard"] = False
     if args.no_progress:
         values["progress"] = False
     return TrainConfig.from_dict(values)
