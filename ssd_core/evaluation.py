@@ -364,7 +364,7 @@ def predict_dataset(model: Any, dataset: Any, *, batch_size: int = 8, workers: i
 
     label_map = model_label_to_category_id(getattr(model, "class_names", None), dataset)
     subset = dataset if max_images is None else Subset(dataset, range(min(max_images, len(dataset))))
-    loader = make_loader(subset, batch_size, shuffle=False, workers=workers, seed=0)
+    loader = make_loader(_SkipUnreadable(subset), batch_size, shuffle=False, workers=workers, seed=0)
     device = _model_device(model)
     was_training = model.training
     model.eval()
@@ -372,7 +372,16 @@ def predict_dataset(model: Any, dataset: Any, *, batch_size: int = 8, workers: i
     image_ids: list[int] = []
     try:
         with torch.inference_mode():
-            for images, targets in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
+            for batch_images, batch_targets in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
+                images, targets = [], []
+                for image, target in zip(batch_images, batch_targets):
+                    if image is None:  # left out of the scored images (COCOeval sees only those read)
+                        log.warning("evaluation skips an unreadable image: %s", target["unreadable"])
+                        continue
+                    images.append(image)
+                    targets.append(target)
+                if not images:
+                    continue
                 outputs = model([image.to(device, non_blocking=True) for image in images])
                 outputs = [_to_file_pixels(out, image, target) for out, image, target in zip(outputs, images, targets)]
                 batch_ids = [int(target["image_id"]) for target in targets]
@@ -382,6 +391,25 @@ def predict_dataset(model: Any, dataset: Any, *, batch_size: int = 8, workers: i
     finally:
         model.train(was_training)
     return results, image_ids
+
+
+class _SkipUnreadable:
+    """`dataset[i]`, or (None, {"unreadable": reason}) for an image that is missing or cannot be decoded,
+    so one bad file does not end an evaluation (or the training run evaluating)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
+        from ssd_core.data.coco import UnreadableImageError
+
+        try:
+            return self.dataset[index]
+        except UnreadableImageError as exc:
+            return None, {"unreadable": str(exc)}
 
 
 def _to_file_pixels(output: dict[str, torch.Tensor], image: torch.Tensor, target: dict) -> dict[str, torch.Tensor]:
@@ -560,8 +588,14 @@ def render_samples(coco_gt: COCO, results: Sequence[dict], *, dataset: Any = Non
         return boxes * scale, labels, scores
 
     cells = []
+    from ssd_core.data.coco import UnreadableImageError
+
     for index, image_id in enumerate(image_ids[:count]):
-        image = _load_sample_image(coco_gt, image_id, index, dataset, images_dir)
+        try:
+            image = _load_sample_image(coco_gt, image_id, index, dataset, images_dir)
+        except (UnreadableImageError, FileNotFoundError) as exc:
+            log.warning("samples.png leaves out an unreadable image: %s", exc)
+            continue
         info = coco_gt.imgs[image_id]
         image.thumbnail((max_side, max_side))
         scale = torch.tensor([image.width / info["width"], image.height / info["height"]] * 2)

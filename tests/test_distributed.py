@@ -195,6 +195,18 @@ def test_run_stopped_after_a_checkpoint_resumes_under_the_same_name(ray_cluster,
 
 
 def test_overwrite_replaces_the_run_and_its_ray_checkpoints(ray_cluster, synth_data, tmp_path):
+    import shutil
+
+    from ssd_core.data import CocoDataset
+
+    # A copy of the data where the first image rank 1 reads is corrupt: only rank 1 sees it, and rank 0
+    # (which writes metrics.jsonl) must still count it.
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data)
+    index = engine.EpochSampler(16, seed=0, rank=1, world_size=2).order()[0].item()
+    corrupt = Path(CocoDataset(str(data), "train").image_path(index))
+    corrupt.write_bytes(b"\xff\xd8 cut short")
+    synth_data = str(data)
     run_dir = tmp_path / "run"
     fit_distributed(small_config(synth_data, run_dir, max_steps=2), num_workers=2)
     (run_dir / "notes.txt").write_text("kept")
@@ -206,6 +218,7 @@ def test_overwrite_replaces_the_run_and_its_ray_checkpoints(ray_cluster, synth_d
     # A fresh run: not resumed from Ray's checkpoints of the old one, which are gone, nor from last.pt.
     assert again["resumed_from"] is None and again["step"] == 1
     assert [r["step"] for r in train_records(run_dir)] == [1]
+    assert train_records(run_dir)[0]["skipped_images"] == 1 and again["skipped_images"] == 1
     assert not any(p.name in old_checkpoints for p in (run_dir / "ray" / "run").iterdir())
     assert torch.load(run_dir / "last.pt", weights_only=True)["state"]["step"] == 1
     assert (run_dir / "notes.txt").read_text() == "kept"  # only the run's own files are replaced

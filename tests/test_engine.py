@@ -289,6 +289,9 @@ def test_training_on_coco2017_layout_skips_and_counts_unreadable_images(tiny_dat
     truncated, missing = coco / "train2017" / names[3], coco / "train2017" / names[10]
     truncated.write_bytes(truncated.read_bytes()[:300])  # a JPEG cut off inside its header
     missing.unlink()
+    val_names = [image["file_name"] for image in
+                 json.loads((coco / "annotations" / "instances_val2017.json").read_text())["images"]]
+    (coco / "val2017" / val_names[1]).write_bytes(b"not an image")  # evaluation scores the other images
     args = ["train", "--arch", ARCH, "--data", str(coco), "--epochs", "1", "--batch-size", "4", "--size", "96",
             "--precision", "fp32", "--loader-workers", "2", "--eval-max-images", "4", "--no-progress"]
 
@@ -299,6 +302,9 @@ def test_training_on_coco2017_layout_skips_and_counts_unreadable_images(tiny_dat
     assert summary["skipped_images"] == 2
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["skipped_images"] for r in records if r["kind"] == "train") == 2
+    assert [r["kind"] for r in records].count("eval") == 1 and summary["AP"] is not None
+    assert any("evaluation skips an unreadable image" in r.getMessage() and val_names[1] in r.getMessage()
+               for r in caplog.records)
     warnings = [r.getMessage() for r in caplog.records if "unreadable training image" in r.getMessage()]
     assert len(warnings) == 2 and any(str(truncated) in w for w in warnings)
     assert any(f"{missing}: image file for image id" in w and "not found" in w for w in warnings)
