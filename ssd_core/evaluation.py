@@ -443,11 +443,14 @@ def evaluate_model(model: Any, dataset: Any, *, batch_size: int = 8, workers: in
 
 def write_report(metrics: dict[str, Any], output_dir: str | Path, *, results: Sequence[dict] | None = None,
                  dataset: Any = None, model: Any = None, sample_images: int = 8, show_gt: bool = False,
-                 gt: str | Path | COCO | None = None, images_dir: str | Path | None = None) -> Path:
+                 gt: str | Path | COCO | None = None, images_dir: str | Path | None = None,
+                 confusion_score: float = 0.25, confusion_iou: float = 0.5) -> Path:
     """Write an evaluation report into ``output_dir``; returns the path of ``report.md``.
 
-    Files: ``metrics.json`` (the 12 metrics, per-class AP/AP50, counts), ``results.json`` (COCO
-    results), ``pr_curves.png``, ``report.md`` and, when images are at hand, ``samples.png``.
+    Files: ``metrics.json`` (the 12 metrics, per-class AP/AP50, counts, the confusion matrix),
+    ``results.json`` (COCO results), ``pr_curves.png``, ``confusion.png`` (detections scoring at least
+    ``confusion_score`` matched at IoU ``confusion_iou``, see ``confusion_matrix``), ``report.md`` and,
+    when images are at hand, ``samples.png``.
     Sample images come from ``dataset`` or from ``images_dir`` (file names from ``gt``); their
     detections from ``results`` (default ``metrics["results"]``), or from ``model`` when no results
     are given.
@@ -458,7 +461,9 @@ def write_report(metrics: dict[str, Any], output_dir: str | Path, *, results: Se
 
     coco_gt = load_coco(gt) if gt is not None else (dataset.coco if dataset is not None else None)
     if coco_gt is not None and "confusion" not in metrics:
-        metrics = {**metrics, "confusion": confusion_matrix(coco_gt, results, image_ids=metrics.get("image_ids"))}
+        metrics = {**metrics, "confusion": confusion_matrix(coco_gt, results, image_ids=metrics.get("image_ids"),
+                                                            iou_threshold=confusion_iou,
+                                                            score_threshold=confusion_score)}
     saved = {name: metrics.get(name) for name in METRIC_NAMES}
     for key in ("per_class_AP", "per_class_AP50", "num_images", "num_detections", "confusion"):
         if key in metrics:

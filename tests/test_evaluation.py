@@ -159,7 +159,7 @@ def test_cli_scores_a_results_file(coco_files, tmp_path, capsys):
     _, gt_path, dt_path = coco_files
     out = tmp_path / "report"
     assert ssd_main(["eval", "--annotations", str(gt_path), "--results", str(dt_path), "--output", str(out),
-                     "--show-gt"]) == 0
+                     "--show-gt", "--confusion-score", "0.5"]) == 0
     printed = capsys.readouterr().out
     saved = json.loads((out / "metrics.json").read_text())
     assert set(evaluation.METRIC_NAMES) <= set(saved)
@@ -169,8 +169,11 @@ def test_cli_scores_a_results_file(coco_files, tmp_path, capsys):
     assert json.loads((out / "results.json").read_text()) == json.loads(dt_path.read_text())
     report = (out / "report.md").read_text()
     assert "| AP50 |" in report and "| bird |" in report
-    assert "(pr_curves.png)" in report and "(samples.png)" in report
-    for picture in ("pr_curves.png", "samples.png"):
+    assert "(pr_curves.png)" in report and "(samples.png)" in report and "(confusion.png)" in report
+    confusion = saved["confusion"]
+    assert (confusion["score_threshold"], confusion["iou_threshold"]) == (0.5, 0.5)
+    assert confusion == evaluation.confusion_matrix(gt_path, dt_path, score_threshold=0.5)
+    for picture in ("pr_curves.png", "samples.png", "confusion.png"):
         with Image.open(out / picture) as image:
             assert image.width > 300 and image.height > 200
 

@@ -12,7 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="COCO evaluation report (metrics.json, report.md, PR curves, sample pictures)",
         description="Either run a checkpoint over a COCO-format dataset (--weights --data) or score an "
         "existing COCO results file (--annotations --results). Writes REPORT_DIR/metrics.json, "
-        "results.json, report.md, pr_curves.png and samples.png.",
+        "results.json, report.md, pr_curves.png, confusion.png and samples.png.",
     )
     model_group = parser.add_argument_group("evaluate a checkpoint")
     model_group.add_argument("--weights", metavar="W", help="our checkpoint (local path or s3://); with --arch, "
@@ -37,6 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", required=True, metavar="REPORT_DIR", help="report directory")
     parser.add_argument("--samples", type=int, default=8, metavar="N", help="images in samples.png (0: none)")
     parser.add_argument("--show-gt", action="store_true", help="draw ground truth beside the predictions")
+    parser.add_argument("--confusion-score", type=float, default=0.25, metavar="T",
+                        help="confusion matrix and per-class counts: detections scoring at least T (default 0.25)")
+    parser.add_argument("--confusion-iou", type=float, default=0.5, metavar="IOU",
+                        help="confusion matrix: IoU that matches a detection to ground truth (default 0.5)")
     parser.set_defaults(func=run)
 
 
@@ -65,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         report = evaluation.write_report(
             metrics, args.output, results=evaluation.load_results(args.results), gt=args.annotations,
             images_dir=images_dir, sample_images=args.samples if images_dir else 0, show_gt=args.show_gt,
+            confusion_score=args.confusion_score, confusion_iou=args.confusion_iou,
         )
     elif args.weights and (args.data or args.annotations):
         from ssd_core import build_model, load_model
@@ -90,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         metrics = evaluation.evaluate_model(model, dataset, batch_size=args.batch_size, workers=args.workers,
                                             max_images=args.max_images)
         report = evaluation.write_report(metrics, args.output, dataset=dataset, sample_images=args.samples,
-                                         show_gt=args.show_gt)
+                                         show_gt=args.show_gt, confusion_score=args.confusion_score,
+                                         confusion_iou=args.confusion_iou)
     else:
         raise ValueError("give --weights W --data DIR (or --annotations GT.json --images DIR), or --annotations "
                          "GT.json --results DT.json")
