@@ -256,9 +256,10 @@ class Runtime:
         return value
 
 
-# Files a run writes into RUN_DIR; a folder with one of RUN_MARKERS already holds a run.
+# Files a run writes into RUN_DIR ("ray": Ray Train's default checkpoint storage); a folder with one of
+# RUN_MARKERS already holds a run.
 RUN_MARKERS = ("last.pt", "metrics.jsonl")
-RUN_FILES = (*RUN_MARKERS, "best.pt", "config.json", "curves.png", "tensorboard", "mlflow.json")
+RUN_FILES = (*RUN_MARKERS, "best.pt", "config.json", "curves.png", "tensorboard", "mlflow.json", "ray")
 
 
 def claim_run_folder(output: str, *, resume: bool, overwrite: bool, also: Sequence[str] = ()) -> None:
