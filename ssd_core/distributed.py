@@ -9,8 +9,10 @@ RUN_DIR/last.pt, so `ssd_core.load_model(RUN_DIR/last.pt)` works for a Ray run a
 Recovery has two levels, both resuming from the latest reported checkpoint:
 - a worker that dies is replaced by Ray (`FailureConfig(max_failures)`), and the new worker group
   starts the loop again with `ray.train.get_checkpoint()` returning that checkpoint;
-- a run started again with the same run name and storage path (Ray Train V2: a new trainer with the same
-  `RunConfig(name, storage_path)`) picks up where the stopped one ended.
+- a run started again with `resume` and the same run name and storage path (Ray Train V2: a new trainer
+  with the same `RunConfig(name, storage_path)`) picks up where the stopped one ended. Without `resume`
+  (or `overwrite`, which deletes the previous run) a RUN_DIR that already holds a run is refused, as
+  for a local run.
 
 With RAY_ADDRESS set, `fit_distributed` joins that cluster; otherwise it starts a local one. On a
 cluster of several nodes, RUN_DIR, the dataset and the storage path must be reachable from every node
@@ -79,6 +81,10 @@ class RayRuntime(engine.Runtime):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return ray.train.torch.prepare_model(model)
 
+    def claim_output(self, config: TrainConfig) -> None:
+        """Nothing: the driver (`fit_distributed`) claimed RUN_DIR before starting the workers, and a
+        worker group that Ray restarts after a failure must find the run it is recovering."""
+
     def restore_checkpoint(self) -> str | None:
         """The latest checkpoint Ray reported for this run (after a worker failure or when the run is
         started again under the same name), downloaded to local disk; else RUN_DIR/last.pt with --resume."""
@@ -122,6 +128,16 @@ class RayRuntime(engine.Runtime):
         import ray.train
 
         ray.train.report(metrics)
+
+    def sum_over_ranks(self, value: int) -> int:
+        import torch
+        import torch.distributed as dist
+
+        if self.world_size == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(total)
+        return int(total.item())
 
     def close(self) -> None:
         shutil.rmtree(self._scratch, ignore_errors=True)
@@ -191,7 +207,7 @@ def fit_distributed(
     `config.batch_size` is per worker; the learning rate default scales with the total batch.
     Checkpoints go to `storage_path` (default RUN_DIR/ray; s3://bucket/prefix works, custom endpoints
     from AWS_ENDPOINT_URL[_S3]) under `run_name` (default: RUN_DIR's name); running again with the same
-    name and storage path resumes from the latest one. `max_failures` worker failures are recovered
+    name and storage path and `config.resume` resumes from the latest one. `max_failures` worker failures are recovered
     from automatically. `resources_per_worker` defaults to {"CPU": 1} on CPU (Ray's 1 CPU + 1 GPU with
     `use_gpu`). `train_loop` replaces `train_loop_per_worker` (for instrumented runs).
 
@@ -208,11 +224,17 @@ def fit_distributed(
         # Each rank times itself, so ranks could stop on different steps and block each other in the
         # next all-reduce; until the engine agrees on the stop across ranks, refuse rather than hang.
         raise ValueError("time_budget_s is not supported with more than one Ray worker; use max_steps or epochs")
-    config = replace(config, data=_absolute(config.data), output=_absolute(config.output))
+    config = replace(config, data=_absolute(config.data) if config.data else "", output=_absolute(config.output),
+                     **{name: _absolute(value) for name in ("train_images", "train_annotations", "val_images",
+                                                            "val_annotations") if (value := getattr(config, name))})
     # Configuration and download errors here, not in every worker.
     engine.prefetch_weights(config.resolved(num_workers))
     storage_path = _absolute(storage_path or join_uri(config.output, RAY_STORAGE_SUBDIR))
     run_name = run_name or os.path.basename(config.output.rstrip("/")) or "ssd"
+    # Same rule as a local run: Ray's checkpoints of this run name count as the run, and --overwrite
+    # deletes them too (Ray would otherwise resume from them).
+    engine.claim_run_folder(config.output, resume=config.resume, overwrite=config.overwrite,
+                            also=[join_uri(storage_path, run_name)])
     if resources_per_worker is None and not use_gpu:
         resources_per_worker = {"CPU": 1}
     threads = int((resources_per_worker or {}).get("CPU", 1))
@@ -300,7 +322,7 @@ def bench_train_workers(
                 arch=arch, data=data, output=run_dir, epochs=steps + 1, max_steps=steps + 1, eval_every=0,
                 weights_backbone=None,  # throughput only: no download
                 batch_size=batch_size, precision=precision, workers=0, augment="none", warmup_iters=0,
-                log_every=1, loader_probe_batches=0, eval_max_images=1, progress=False,
+                log_every=1, loader_probe_batches=0, eval_max_images=1, progress=False, overwrite=True,
                 model={"size": list(size)} if size else {},
             )
             started = time.perf_counter()

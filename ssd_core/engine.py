@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -86,7 +86,12 @@ class TrainConfig:
     """A training run. Fields left None take the architecture's `RECIPES` entry (see `resolved`)."""
 
     arch: str = "ssdlite320_mobilenet_v3_large"
-    data: str = ""
+    data: str = ""  # dataset root: the project's layout or COCO 2017's (see ssd_core.data.coco)
+    # Explicit split locations (local or s3://), each pair instead of `data`'s layout for its split.
+    train_images: str | None = None
+    train_annotations: str | None = None
+    val_images: str | None = None
+    val_annotations: str | None = None
     output: str = "runs/ssd"
     epochs: int = 10
     batch_size: int = 16  # per worker
@@ -122,6 +127,9 @@ class TrainConfig:
     device: str = "auto"  # cpu | cuda | auto
     threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
     resume: bool = False
+    overwrite: bool = False  # start afresh in a run folder that already holds a run (its files are deleted)
+    strict: bool = False  # fail on a missing or undecodable training image instead of skipping it
+    tensorboard: bool = True  # event files in RUN_DIR/tensorboard (MLflow: set MLFLOW_TRACKING_URI)
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,9 +168,19 @@ class TrainConfig:
         config.validate()
         return config
 
+    def split_location(self, split: str) -> tuple[str | None, str | None]:
+        """(images, annotations) given explicitly for `split` ("train" or "val"), else (None, None)."""
+        return getattr(self, f"{split}_images"), getattr(self, f"{split}_annotations")
+
     def validate(self) -> None:
-        if not self.data:
-            raise ValueError("data: a dataset directory (local or s3://) is required")
+        for split in ("train", "val"):
+            images, annotations = self.split_location(split)
+            if (images is None) != (annotations is None):
+                raise ValueError(f"--{split}-images and --{split}-annotations go together; got only "
+                                 f"{'--' + split + '-images' if images else '--' + split + '-annotations'}")
+            if images is None and not self.data:
+                raise ValueError(f"data: a dataset directory (local or s3://) is required, or --{split}-images "
+                                 f"and --{split}-annotations")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -174,6 +192,8 @@ class TrainConfig:
             raise ValueError(f"workers (loader processes) must be >= 0, got {self.workers}")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run or replace it")
 
 
 # -- where the loop runs ---------------------------------------------------------------------------
@@ -198,6 +218,10 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def claim_output(self, config: TrainConfig) -> None:
+        """Refuse to start a fresh run over an existing one (see `claim_run_folder`)."""
+        claim_run_folder(self.output, resume=config.resume, overwrite=config.overwrite)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Move to the device (Ray: and wrap in DistributedDataParallel)."""
@@ -228,6 +252,35 @@ class Runtime:
 
     def report(self, metrics: dict[str, Any]) -> None:
         """Per-epoch metrics (local: already in metrics.jsonl, nothing more to do)."""
+
+    def sum_over_ranks(self, value: int) -> int:
+        """`value` summed over all ranks; a collective, so every rank calls it at the same step."""
+        return value
+
+
+# Files a run writes into RUN_DIR ("ray": Ray Train's default checkpoint storage); a folder with one of
+# RUN_MARKERS already holds a run.
+RUN_MARKERS = ("last.pt", "metrics.jsonl")
+RUN_FILES = (*RUN_MARKERS, "best.pt", "config.json", "curves.png", "tensorboard", "mlflow.json", "ray")
+
+
+def claim_run_folder(output: str, *, resume: bool, overwrite: bool, also: Sequence[str] = ()) -> None:
+    """Make `output` ready for a run. A folder that already holds one (last.pt or metrics.jsonl, or any
+    of the `also` locations, e.g. Ray's checkpoints of the run) is refused unless `resume` (continue it)
+    or `overwrite` (delete that run's files, then start afresh); other files in the folder are kept."""
+    if resume:
+        return
+    found = [name for name in RUN_MARKERS if exists(join_uri(output, name))] + [uri for uri in also if exists(uri)]
+    if not found:
+        return
+    if not overwrite:
+        raise ValueError(f"{output} already holds a run ({', '.join(found)}); pass --resume to continue it "
+                         "or --overwrite to replace it")
+    from ssd_core.storage import remove
+
+    for uri in [join_uri(output, name) for name in RUN_FILES] + list(also):
+        if remove(uri):
+            log.info("--overwrite: deleted %s", uri)
 
 
 # -- data: reproducible, resumable batches ---------------------------------------------------------
@@ -275,23 +328,48 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
 class SeededSamples(Dataset):
     """`dataset[index]` with torch's RNG seeded per sample (its transforms draw from torch's RNG), so
-    augmentation depends on the (seed, index) key only. The caller's RNG state is left untouched."""
+    augmentation depends on the (seed, index) key only. The caller's RNG state is left untouched.
 
-    def __init__(self, dataset: Dataset) -> None:
+    An image that is missing or cannot be decoded (`UnreadableImageError`) is replaced by the next
+    readable one (index + 1, + 2, ...; the same for every run), so batches stay full and DDP ranks stay
+    in step; the replacement's target lists the skipped "path: reason" strings under "skipped_images".
+    `strict` raises instead.
+    """
+
+    max_replacements = 16
+
+    def __init__(self, dataset: Dataset, *, strict: bool = False) -> None:
         self.dataset = dataset
+        self.strict = strict
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
+        from ssd_core.data.coco import UnreadableImageError
+
         seed, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.dataset[index]
+        skipped: list[str] = []
+        for offset in range(min(self.max_replacements, len(self.dataset))):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                try:
+                    image, target = self.dataset[(index + offset) % len(self.dataset)]
+                except UnreadableImageError as exc:
+                    if self.strict:
+                        raise
+                    skipped.append(str(exc))
+                    continue
+            if skipped:
+                target["skipped_images"] = skipped
+            return image, target
+        raise ValueError(f"{len(skipped)} unreadable images in a row, from dataset index {index}: "
+                         f"{'; '.join(skipped[:3])}")
 
 
 def make_train_loader(
-    dataset: Dataset, batch_size: int, *, workers: int, seed: int, rank: int = 0, world_size: int = 1
+    dataset: Dataset, batch_size: int, *, workers: int, seed: int, rank: int = 0, world_size: int = 1,
+    strict: bool = False,
 ) -> DataLoader:
     """Loader of full batches (drop_last: BatchNorm and step counts need them) over an `EpochSampler`;
     its sampler is `loader.batch_sampler.sampler`."""
@@ -304,7 +382,7 @@ def make_train_loader(
     if workers > 0:
         extra = {"persistent_workers": True, "prefetch_factor": 4, "worker_init_fn": seed_worker}
     return DataLoader(
-        SeededSamples(dataset), batch_sampler=BatchSampler(sampler, batch_size, drop_last=True), num_workers=workers,
+        SeededSamples(dataset, strict=strict), batch_sampler=BatchSampler(sampler, batch_size, drop_last=True), num_workers=workers,
         collate_fn=collate, pin_memory=torch.cuda.is_available(),
         # Only worker base seeds come from this generator (augmentation is seeded per sample); owning it
         # keeps the global RNG untouched by starting an epoch.
@@ -393,6 +471,7 @@ class TrainState:
     best_ap: float = -1.0
     train_time_s: float = 0.0
     stop_reason: str | None = None
+    skipped_images: int = 0  # unreadable training images skipped (all ranks), counted when logged
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -434,6 +513,7 @@ def train_one_epoch(
     totals = {"loss": 0.0, "bbox_regression": 0.0, "classification": 0.0}
     window = dict.fromkeys(totals, 0.0)
     window_steps, window_images, window_start = 0, 0, time.perf_counter()
+    window_skipped, warned = 0, set()
     epoch_images, epoch_steps = 0, 0
     stopwatch.start()
     epoch_start = time.perf_counter()
@@ -441,6 +521,11 @@ def train_one_epoch(
         batches = iter(loader)
         for _ in range(remaining):
             images, targets = next(batches)
+            for entry in (entry for target in targets for entry in target.get("skipped_images", ())):
+                window_skipped += 1
+                if entry not in warned:  # once per image and epoch; every skip is counted
+                    warned.add(entry)
+                    log.warning("skipped an unreadable training image (--strict fails instead): %s", entry)
             losses = training_step(model, optimizer, scheduler, scaler, images, targets, runtime.device, config)
             state.step += 1
             state.batch_in_epoch += 1
@@ -453,18 +538,21 @@ def train_one_epoch(
                 window[key] += value
             state.train_time_s = stopwatch.elapsed()
             if state.step % config.log_every == 0 or state.batch_in_epoch == num_steps:
+                skipped = runtime.sum_over_ranks(window_skipped)
+                state.skipped_images += skipped
                 now = time.perf_counter()
                 record = {
                     "kind": "train", "epoch": epoch, "step": state.step,
                     **{key: value / window_steps for key, value in window.items()},
                     "lr": optimizer.param_groups[0]["lr"],
                     "images_per_s": window_images / max(now - window_start, 1e-9),
+                    "skipped_images": skipped,
                 }
                 bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.1f}")
                 if on_log is not None:
                     on_log(record)
                 window = dict.fromkeys(totals, 0.0)
-                window_steps, window_images, window_start = 0, 0, now
+                window_steps, window_images, window_skipped, window_start = 0, 0, 0, now
             bar.update(1)
             if config.max_steps is not None and state.step >= config.max_steps:
                 state.stop_reason = "max_steps"
@@ -541,9 +629,11 @@ def evaluate(
 class MetricsLog:
     """RUN_DIR/metrics.jsonl: one JSON object per line. Local files are appended to; on s3:// the whole
     (small) file is rewritten, as objects cannot be appended to. On resume, records beyond the resumed
-    step (written after the checkpoint by the interrupted run) are dropped."""
+    step (written after the checkpoint by the interrupted run) are dropped. Every record also goes to the
+    experiment trackers (`ssd_core.tracking`: TensorBoard, MLflow) chosen by `config`; `close(result)`
+    ends them."""
 
-    def __init__(self, output: str, *, resume_step: int | None) -> None:
+    def __init__(self, output: str, *, resume_step: int | None, config: dict[str, Any] | None = None) -> None:
         self.path = join_uri(output, "metrics.jsonl")
         self.records: list[dict[str, Any]] = []
         if resume_step is not None and exists(self.path):
@@ -551,12 +641,23 @@ class MetricsLog:
 
             self.records = [r for r in read_metrics_jsonl(self.path) if int(r.get("step", 0)) <= resume_step]
         self._rewrite()
+        self.trackers: list[Any] = []
+        if config is not None:
+            from ssd_core.tracking import trackers_for
+
+            self.trackers = trackers_for(output, config, resume_step=resume_step)
+
+    def close(self, result: dict[str, Any]) -> None:
+        for tracker in self.trackers:
+            tracker.close(result)
 
     def _rewrite(self) -> None:
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in self.records).encode())
 
     def append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        for tracker in self.trackers:
+            tracker.log(record)
         if is_s3(self.path):
             self._rewrite()
             return
@@ -591,9 +692,12 @@ def build_datasets(config: TrainConfig, size: tuple[int, int]) -> tuple[Dataset,
     input `size` in the loader workers (so the model's own resize is a no-op)."""
     from ssd_core.data import CocoDataset, build_preset
 
-    train = CocoDataset(config.data, "train", transforms=build_preset(config.augment, size=size))
-    val = CocoDataset(config.data, "val", transforms=build_preset("none", size=size))
-    return train, val
+    def split(name: str, preset: str) -> Dataset:
+        images, annotations = config.split_location(name)
+        return CocoDataset(config.data, name, transforms=build_preset(preset, size=size),
+                           annotation_file=annotations, image_folder=images)
+
+    return split("train", config.augment), split("val", "none")
 
 
 def build_model_for(config: TrainConfig, class_names: list[str], payload: dict[str, Any] | None) -> nn.Module:
@@ -653,6 +757,7 @@ def fit(config: TrainConfig, runtime: Runtime | None = None) -> dict[str, Any]:
     config = config.resolved(runtime.world_size)
     if config.threads:
         torch.set_num_threads(config.threads)
+    runtime.claim_output(config)
     resume_from = runtime.restore_checkpoint()
     payload = read_checkpoint(resume_from) if resume_from else None
     if payload is not None:
@@ -681,11 +786,11 @@ def fit(config: TrainConfig, runtime: Runtime | None = None) -> dict[str, Any]:
     model = runtime.prepare_model(model)
     loader = runtime.prepare_loader(make_train_loader(
         train_set, config.batch_size, workers=config.workers, seed=config.seed, rank=runtime.rank,
-        world_size=runtime.world_size,
+        world_size=runtime.world_size, strict=config.strict,
     ))
     steps_per_epoch = steps_in_epoch(loader, config)
     if steps_per_epoch == 0:
-        raise ValueError(f"{config.data}: {len(train_set)} training images make no full batch of {config.batch_size}"
+        raise ValueError(f"{train_set.annotation_path}: {len(train_set)} training images make no full batch of {config.batch_size}"
                          f" per worker ({runtime.world_size} workers); lower --batch-size")
     warmup = min(config.warmup_iters, steps_per_epoch)
 
@@ -711,11 +816,12 @@ def fit(config: TrainConfig, runtime: Runtime | None = None) -> dict[str, Any]:
         restore_rng_state(payload["rng"])
     del payload
 
-    metrics_log = MetricsLog(config.output, resume_step=state.step if resume_from else None) if runtime.is_main else None
+    metrics_log = MetricsLog(config.output, resume_step=state.step if resume_from else None,
+                             config=config.to_dict()) if runtime.is_main else None
     if runtime.is_main:
         write_json(join_uri(config.output, "config.json"), config.to_dict())
         log.info("training %s on %s: %d images, %d classes, %d steps/epoch, lr %.4g, %s, precision %s, device %s",
-                 config.arch, config.data, len(train_set), len(train_set.class_names) - 1, steps_per_epoch,
+                 config.arch, train_set.annotation_path, len(train_set), len(train_set.class_names) - 1, steps_per_epoch,
                  config.lr, config.schedule, precision, runtime.device)
     loader_rate = probe_loader(loader, config) if runtime.is_main else None
 
@@ -780,13 +886,17 @@ def fit(config: TrainConfig, runtime: Runtime | None = None) -> dict[str, Any]:
                  loader_rate, config.workers, train_rate, "is" if loader_rate < train_rate else "is not")
         log_record({"kind": "throughput", "step": state.step, "loader_images_per_s": loader_rate,
                     "train_images_per_s": train_rate})
-    return {
+    result = {
         **(last_eval or {}),
         **{f"train_{k}": v for k, v in last_summary.items()},
         "epoch": state.epoch, "step": state.step, "train_time_s": state.train_time_s,
         "stop_reason": state.stop_reason or "completed", "loader_images_per_s": loader_rate,
+        "skipped_images": state.skipped_images,
         "checkpoint": join_uri(config.output, "last.pt"), "precision": precision,
     }
+    if metrics_log is not None:
+        metrics_log.close(result)
+    return result
 
 
 def probe_loader(loader: DataLoader, config: TrainConfig) -> float | None:

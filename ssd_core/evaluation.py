@@ -142,7 +142,7 @@ def coco_metrics(gt: str | Path | COCO, results: str | Path | Sequence[dict], *,
     ``image_ids``: score only these images (default: all images of the ground truth).
     Returns the 12 metrics of ``METRIC_NAMES`` (float in 0..1 or None), ``per_class_AP`` and
     ``per_class_AP50`` ({category name: float | None}), ``pr_curves`` (see ``_pr_curves``),
-    ``num_images`` and ``num_detections``.
+    ``num_images``, ``image_ids`` (those scored) and ``num_detections``.
     """
     from pycocotools.cocoeval import COCOeval
 
@@ -170,6 +170,7 @@ def coco_metrics(gt: str | Path | COCO, results: str | Path | Sequence[dict], *,
     metrics["per_class_AP50"] = {name: _mean_defined(precision[iou_50, :, k]) for k, name in enumerate(names)}
     metrics["pr_curves"] = _pr_curves(precision, evaluator.params, names)
     metrics["num_images"] = len(evaluator.params.imgIds)
+    metrics["image_ids"] = [int(i) for i in evaluator.params.imgIds]
     metrics["num_detections"] = len(detections)
     return metrics
 
@@ -192,6 +193,109 @@ def _pr_curves(precision: np.ndarray, params: Any, names: list[str]) -> dict[str
         overall = at_iou[:, has_gt].mean(axis=1).tolist() if has_gt.any() else None
         curves["precision"][f"{iou:.2f}"] = {"all": overall, **per_class}
     return curves
+
+
+def confusion_matrix(gt: str | Path | COCO, results: str | Path | Sequence[dict], *, iou_threshold: float = 0.5,
+                     score_threshold: float = 0.25, image_ids: Sequence[int] | None = None) -> dict[str, Any]:
+    """Detection confusion matrix: which class each ground-truth box was detected as.
+
+    Per image, detections scoring at least ``score_threshold`` are matched one to one with the (non-crowd)
+    ground-truth boxes they overlap by IoU >= ``iou_threshold``, highest IoU first, whatever the classes.
+    ``matrix[i][j]`` counts ground truth of class i matched to a detection of class j; the last row and
+    column are background: row = detections matching no ground truth (false positives), column = ground
+    truth no detection matched (missed). Crowd regions, detections inside them and images outside
+    ``image_ids`` are left out.
+    Returns {"classes": [K names..., "background"], "matrix": [K + 1][K + 1] ints, "iou_threshold",
+    "score_threshold", "per_class": {name: {ground_truth, detections, true_positives, precision, recall}}}.
+    """
+    import numpy as np
+    import torch
+    from torchvision.ops import box_area, box_convert, box_iou
+
+    coco_gt = load_coco(gt)
+    category_ids = sorted(coco_gt.cats)
+    index_of = {category_id: index for index, category_id in enumerate(category_ids)}
+    background = len(category_ids)
+    matrix = np.zeros((background + 1, background + 1), dtype=np.int64)
+    detections: dict[int, list[dict]] = {}
+    for det in load_results(results):
+        if det["score"] >= score_threshold:
+            detections.setdefault(det["image_id"], []).append(det)
+    wanted = set(coco_gt.imgs) if image_ids is None else {int(i) for i in image_ids}
+
+    def boxes_of(records: list[dict]) -> torch.Tensor:
+        xywh = torch.tensor([r["bbox"] for r in records], dtype=torch.float64).reshape(-1, 4)
+        return box_convert(xywh, "xywh", "xyxy")
+
+    for image_id in sorted(wanted):
+        annotations = coco_gt.imgToAnns.get(image_id, [])
+        truth = [a for a in annotations if not a.get("iscrowd", 0)]
+        crowd = boxes_of([a for a in annotations if a.get("iscrowd", 0)])
+        found = detections.get(image_id, [])
+        truth_classes = [index_of[a["category_id"]] for a in truth]
+        found_classes = [index_of[d["category_id"]] for d in found]
+        iou = box_iou(boxes_of(truth), boxes_of(found))  # [G, D]
+        matched_truth, matched_found = set(), set()
+        pairs = (iou >= iou_threshold).nonzero().tolist()
+        for g, d in sorted(pairs, key=lambda pair: -iou[pair[0], pair[1]].item()):
+            if g not in matched_truth and d not in matched_found:
+                matched_truth.add(g)
+                matched_found.add(d)
+                matrix[truth_classes[g], found_classes[d]] += 1
+        for g, klass in enumerate(truth_classes):
+            if g not in matched_truth:
+                matrix[klass, background] += 1
+        # As in COCOeval, an unmatched detection lying inside a crowd region (intersection over the
+        # detection's area >= the threshold) is ignored rather than counted as a false positive.
+        found_boxes = boxes_of(found)
+        corners_low = torch.maximum(found_boxes[:, None, :2], crowd[None, :, :2])
+        corners_high = torch.minimum(found_boxes[:, None, 2:], crowd[None, :, 2:])
+        inter = (corners_high - corners_low).clamp(min=0).prod(dim=2)  # [D, C]
+        in_crowd = (inter / box_area(found_boxes).clamp(min=1e-9)[:, None] >= iou_threshold).any(dim=1)
+        for d, klass in enumerate(found_classes):
+            if d not in matched_found and not in_crowd[d]:
+                matrix[background, klass] += 1
+
+    names = [coco_gt.cats[category_id]["name"] for category_id in category_ids]
+    per_class = {}
+    for k, name in enumerate(names):
+        truth_count, found_count, hits = int(matrix[k].sum()), int(matrix[:, k].sum()), int(matrix[k, k])
+        per_class[name] = {"ground_truth": truth_count, "detections": found_count, "true_positives": hits,
+                           "precision": hits / found_count if found_count else None,
+                           "recall": hits / truth_count if truth_count else None}
+    return {"classes": [*names, "background"], "matrix": matrix.tolist(), "iou_threshold": iou_threshold,
+            "score_threshold": score_threshold, "per_class": per_class}
+
+
+def plot_confusion(confusion: dict[str, Any], out_png: str | Path) -> Path:
+    """The confusion matrix as a heat map (colour: share of the row, i.e. of that class's ground truth;
+    numbers: counts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.asarray(confusion["matrix"], dtype=np.int64)
+    names = confusion["classes"]
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    side = min(max(5.0, 0.55 * len(names) + 2.5), 30.0)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    if len(names) <= 40:
+        for (i, j), count in np.ndenumerate(counts):
+            if count:
+                ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                        color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set(xlabel="detected as", ylabel="ground truth",
+           title=f"Confusion matrix (IoU >= {confusion['iou_threshold']}, score >= {confusion['score_threshold']})")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the ground-truth row")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return Path(out_png)
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float | None]:
@@ -261,7 +365,7 @@ def predict_dataset(model: Any, dataset: Any, *, batch_size: int = 8, workers: i
 
     label_map = model_label_to_category_id(getattr(model, "class_names", None), dataset)
     subset = dataset if max_images is None else Subset(dataset, range(min(max_images, len(dataset))))
-    loader = make_loader(subset, batch_size, shuffle=False, workers=workers, seed=0)
+    loader = make_loader(_SkipUnreadable(subset), batch_size, shuffle=False, workers=workers, seed=0)
     device = _model_device(model)
     was_training = model.training
     model.eval()
@@ -270,7 +374,16 @@ def predict_dataset(model: Any, dataset: Any, *, batch_size: int = 8, workers: i
     image_ids: list[int] = []
     try:
         with torch.inference_mode():
-            for images, targets in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
+            for batch_images, batch_targets in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
+                images, targets = [], []
+                for image, target in zip(batch_images, batch_targets):
+                    if image is None:  # left out of the scored images (COCOeval sees only those read)
+                        log.warning("evaluation skips an unreadable image: %s", target["unreadable"])
+                        continue
+                    images.append(image)
+                    targets.append(target)
+                if not images:
+                    continue
                 outputs = runner([image.to(device, non_blocking=True) for image in images])
                 outputs = [_to_file_pixels(out, image, target) for out, image, target in zip(outputs, images, targets)]
                 batch_ids = [int(target["image_id"]) for target in targets]
@@ -280,6 +393,25 @@ def predict_dataset(model: Any, dataset: Any, *, batch_size: int = 8, workers: i
     finally:
         model.train(was_training)
     return results, image_ids
+
+
+class _SkipUnreadable:
+    """`dataset[i]`, or (None, {"unreadable": reason}) for an image that is missing or cannot be decoded,
+    so one bad file does not end an evaluation (or the training run evaluating)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
+        from ssd_core.data.coco import UnreadableImageError
+
+        try:
+            return self.dataset[index]
+        except UnreadableImageError as exc:
+            return None, {"unreadable": str(exc)}
 
 
 def _to_file_pixels(output: dict[str, torch.Tensor], image: torch.Tensor, target: dict) -> dict[str, torch.Tensor]:
@@ -313,11 +445,14 @@ def evaluate_model(model: Any, dataset: Any, *, batch_size: int = 8, workers: in
 
 def write_report(metrics: dict[str, Any], output_dir: str | Path, *, results: Sequence[dict] | None = None,
                  dataset: Any = None, model: Any = None, sample_images: int = 8, show_gt: bool = False,
-                 gt: str | Path | COCO | None = None, images_dir: str | Path | None = None) -> Path:
+                 gt: str | Path | COCO | None = None, images_dir: str | Path | None = None,
+                 confusion_score: float = 0.25, confusion_iou: float = 0.5) -> Path:
     """Write an evaluation report into ``output_dir``; returns the path of ``report.md``.
 
-    Files: ``metrics.json`` (the 12 metrics, per-class AP/AP50, counts), ``results.json`` (COCO
-    results), ``pr_curves.png``, ``report.md`` and, when images are at hand, ``samples.png``.
+    Files: ``metrics.json`` (the 12 metrics, per-class AP/AP50, counts, the confusion matrix),
+    ``results.json`` (COCO results), ``pr_curves.png``, ``confusion.png`` (detections scoring at least
+    ``confusion_score`` matched at IoU ``confusion_iou``, see ``confusion_matrix``), ``report.md`` and,
+    when images are at hand, ``samples.png``.
     Sample images come from ``dataset`` or from ``images_dir`` (file names from ``gt``); their
     detections from ``results`` (default ``metrics["results"]``), or from ``model`` when no results
     are given.
@@ -326,8 +461,13 @@ def write_report(metrics: dict[str, Any], output_dir: str | Path, *, results: Se
     out.mkdir(parents=True, exist_ok=True)
     results = list(results if results is not None else metrics.get("results") or [])
 
+    coco_gt = load_coco(gt) if gt is not None else (dataset.coco if dataset is not None else None)
+    if coco_gt is not None and "confusion" not in metrics:
+        metrics = {**metrics, "confusion": confusion_matrix(coco_gt, results, image_ids=metrics.get("image_ids"),
+                                                            iou_threshold=confusion_iou,
+                                                            score_threshold=confusion_score)}
     saved = {name: metrics.get(name) for name in METRIC_NAMES}
-    for key in ("per_class_AP", "per_class_AP50", "num_images", "num_detections"):
+    for key in ("per_class_AP", "per_class_AP50", "num_images", "num_detections", "confusion"):
         if key in metrics:
             saved[key] = metrics[key]
     (out / "metrics.json").write_text(json.dumps(saved, indent=2))
@@ -337,7 +477,9 @@ def write_report(metrics: dict[str, Any], output_dir: str | Path, *, results: Se
     if metrics.get("pr_curves"):
         plot_pr_curves(metrics["pr_curves"], out / "pr_curves.png", per_class_ap=metrics.get("per_class_AP"))
         pictures.append(("Precision-recall curves", "pr_curves.png"))
-    coco_gt = load_coco(gt) if gt is not None else (dataset.coco if dataset is not None else None)
+    if metrics.get("confusion"):
+        plot_confusion(metrics["confusion"], out / "confusion.png")
+        pictures.append(("Confusion matrix", "confusion.png"))
     if sample_images > 0 and coco_gt is not None and (dataset is not None or images_dir is not None):
         if not results and model is not None and dataset is not None:
             results, _ = predict_dataset(model, dataset, batch_size=1, workers=0, progress=False,
@@ -364,10 +506,24 @@ def _report_markdown(metrics: dict[str, Any], pictures: list[tuple[str, str]]) -
     lines += [f"| {name} | {shown(metrics.get(name))} | {METRIC_DESCRIPTIONS[name]} |" for name in METRIC_NAMES]
     per_class = metrics.get("per_class_AP") or {}
     per_class_50 = metrics.get("per_class_AP50") or {}
+    confusion = metrics.get("confusion")
+    counts = confusion["per_class"] if confusion else {}
     if per_class:
-        lines += ["", "## Per-class AP", "", "| class | AP | AP50 |", "|---|---:|---:|"]
-        lines += [f"| {name} | {shown(ap)} | {shown(per_class_50.get(name))} |" for name, ap in per_class.items()]
-        lines += ["", "n/a: the class has no ground truth in the evaluated images."]
+        lines += ["", "## Per class", ""]
+        if confusion:
+            lines += [f"Counts, precision and recall at IoU >= {confusion['iou_threshold']} and score >= "
+                      f"{confusion['score_threshold']} (the confusion matrix's matching); AP over all scores.", "",
+                      "| class | AP | AP50 | ground truth | detections | correct | precision | recall |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            for name, ap in per_class.items():
+                c = counts.get(name, {})
+                lines.append(f"| {name} | {shown(ap)} | {shown(per_class_50.get(name))} | {c.get('ground_truth', 0)} "
+                             f"| {c.get('detections', 0)} | {c.get('true_positives', 0)} | {shown(c.get('precision'))} "
+                             f"| {shown(c.get('recall'))} |")
+        else:
+            lines += ["| class | AP | AP50 |", "|---|---:|---:|"]
+            lines += [f"| {name} | {shown(ap)} | {shown(per_class_50.get(name))} |" for name, ap in per_class.items()]
+        lines += ["", "n/a: the class has no ground truth (or, for precision, no detections) in the evaluated images."]
     if pictures:
         lines += ["", "## Pictures", ""]
         lines += [f"### {title}\n\n![{title}]({file})\n" for title, file in pictures]
@@ -439,8 +595,14 @@ def render_samples(coco_gt: COCO, results: Sequence[dict], *, dataset: Any = Non
         return boxes * scale, labels, scores
 
     cells = []
+    from ssd_core.data.coco import UnreadableImageError
+
     for index, image_id in enumerate(image_ids[:count]):
-        image = _load_sample_image(coco_gt, image_id, index, dataset, images_dir)
+        try:
+            image = _load_sample_image(coco_gt, image_id, index, dataset, images_dir)
+        except (UnreadableImageError, FileNotFoundError) as exc:
+            log.warning("samples.png leaves out an unreadable image: %s", exc)
+            continue
         info = coco_gt.imgs[image_id]
         image.thumbnail((max_side, max_side))
         scale = torch.tensor([image.width / info["width"], image.height / info["height"]] * 2)

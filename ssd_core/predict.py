@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -167,10 +167,28 @@ def _annotate(model: SSD, pixels: np.ndarray, detections: dict[str, torch.Tensor
 # -- inputs ---------------------------------------------------------------------------------------
 
 
-def input_kind(path: Path) -> str:
-    """"folder", "video" or "image" by what ``path`` is (FileNotFoundError / ValueError otherwise)."""
+def is_url(value: str | Path) -> bool:
+    """True for inputs read through fsspec (s3://, https://, gs://...) rather than the local disk."""
+    text = str(value)
+    return "://" in text and not text.startswith("file://")
+
+
+def input_kind(path: str | Path) -> str:
+    """"folder", "video" or "image" by what ``path`` is (FileNotFoundError / ValueError otherwise).
+    A URL is a folder (an S3 prefix, a web folder listing) unless it names an image or a video."""
     from ssd_core.images import IMAGE_EXTENSIONS
 
+    if is_url(path):
+        from ssd_core.storage import filesystem_for
+
+        fs, inner = filesystem_for(str(path))
+        suffix = PurePosixPath(str(path).split("?", 1)[0]).suffix.lower()
+        if suffix in VIDEO_EXTENSIONS or suffix in IMAGE_EXTENSIONS:
+            if not fs.exists(inner):
+                raise FileNotFoundError(f"input not found: {path}")
+            return "video" if suffix in VIDEO_EXTENSIONS else "image"
+        return "folder"
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"input not found: {path}")
     if path.is_dir():
@@ -186,14 +204,32 @@ def input_kind(path: Path) -> str:
     )
 
 
-def read_image(path: Path) -> np.ndarray:
-    """uint8[H, W, 3] RGB of an image file, EXIF orientation applied (ValueError naming the file)."""
+def read_image(path: str | Path) -> np.ndarray:
+    """uint8[H, W, 3] RGB of an image file or URL (s3://, https://), EXIF orientation applied
+    (ValueError naming the file)."""
     from ssd_core.images import decode_image
 
+    if is_url(path):
+        from ssd_core.storage import open_uri
+
+        try:
+            with open_uri(str(path)) as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            raise ValueError(f"cannot read image {path}: not found") from None
+    else:
+        data = Path(path).read_bytes()
     try:
-        return decode_image(path.read_bytes())
+        return decode_image(data)
     except ValueError as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from None
+
+
+def _relative(path: str | Path, root: str | Path) -> PurePosixPath | Path:
+    """``path`` relative to the input ``root`` (a folder, prefix or the image's own parent)."""
+    if is_url(path):
+        return PurePosixPath(str(path)[len(str(root).rstrip("/")):].lstrip("/"))
+    return Path(path).relative_to(root) if Path(path) != Path(root) else Path(Path(path).name)
 
 
 def _batched(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -233,22 +269,22 @@ def _model_info(model: SSD, weights: str | None) -> dict[str, Any]:
 
 def predict_images(
     model: SSD,
-    files: Sequence[Path],
-    root: Path,
+    files: Sequence[str | Path],
+    root: str | Path,
     output_for: Any,
     *,
     batch_size: int = 8,
     progress: bool = True,
     strict: bool = False,
 ) -> tuple[list[dict[str, Any]], list[Path]]:
-    """Detect in ``files`` (paths under ``root``), saving each annotated image at ``output_for(relative)``.
+    """Detect in ``files`` (paths or URLs under ``root``), saving each annotated image at ``output_for(relative)``.
 
     Decoding runs in threads one batch ahead of inference. Unreadable files become ``{"file", "error"}``
     records (``strict``: a ValueError instead). Returns the JSON records and the annotated paths.
     """
     from tqdm import tqdm
 
-    def load(path: Path) -> tuple[Path, np.ndarray | None, str | None]:
+    def load(path: str | Path) -> tuple[str | Path, np.ndarray | None, str | None]:
         try:
             return path, read_image(path), None
         except (ValueError, OSError) as exc:
@@ -271,7 +307,7 @@ def predict_images(
             outputs = detect_batch(model, [_to_tensor(p) for _, p in readable]) if readable else []
             detections_of = {path: out for (path, _), out in zip(readable, outputs)}
             for path, pixels, error in loaded:
-                relative = path.relative_to(root) if path != root else Path(path.name)
+                relative = _relative(path, root)
                 if error is not None:
                     log.warning("skipping %s", error)
                     records.append({"file": str(relative), "error": error})
@@ -286,10 +322,22 @@ def predict_images(
     return records, written
 
 
-def list_image_files(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, sorted), by extension."""
+def list_image_files(folder: str | Path) -> list[Path] | list[str]:
+    """Image files under ``folder`` (recursive, sorted), by extension; URLs for a URL folder (an S3
+    prefix, or a web page listing files and sub-folders as links, like a web server's index)."""
     from ssd_core.images import IMAGE_EXTENSIONS
 
+    if is_url(folder):
+        from ssd_core.storage import filesystem_for
+
+        fs, inner = filesystem_for(str(folder))
+        try:
+            found = fs.find(inner.rstrip("/") + "/" if inner.startswith("http") else inner)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"input not found: {folder}") from None
+        return sorted(fs.unstrip_protocol(p) if not is_url(p) else p for p in found
+                      if PurePosixPath(p.split("?", 1)[0]).suffix.lower() in IMAGE_EXTENSIONS)
+    folder = Path(folder)
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
@@ -406,9 +454,12 @@ def predict(
     """
     from ssd_core.images import IMAGE_EXTENSIONS
 
-    input_path, output = Path(input_path), Path(output)
-    kind = input_kind(input_path)
-    header = {"input": str(input_path), "model": _model_info(model, weights)}
+    source, output = str(input_path), Path(output)
+    kind = input_kind(source)
+    header = {"input": source, "model": _model_info(model, weights)}
+    if is_url(source):
+        return _predict_url(model, source, kind, output, header, batch_size=batch_size, progress=progress)
+    input_path = Path(source)
 
     if kind == "video":
         if output.suffix.lower() in VIDEO_EXTENSIONS:
@@ -448,6 +499,51 @@ def predict(
 
         def output_for(relative: Path) -> Path:
             return output / _annotated_name(relative)
+
+    records, written = predict_images(model, files, root, output_for, batch_size=batch_size,
+                                      progress=progress and kind == "folder", strict=kind == "image")
+    _write_json({**header, "images": records}, "images", json_path)
+    errors = sum("error" in r for r in records)
+    return PredictResult(kind, json_path, written, len(records) - errors, errors,
+                         sum(len(r.get("scores", ())) for r in records))
+
+
+def _predict_url(model: SSD, source: str, kind: str, output: Path, header: dict[str, Any], *, batch_size: int,
+                 progress: bool) -> PredictResult:
+    """`predict` for an s3:// / https:// image, folder (prefix) or video; outputs are local as for a local
+    input. A video is copied to a temporary file first (the decoder reads local files)."""
+    import tempfile
+
+    from ssd_core.bulk import IMAGE_EXTENSIONS
+
+    name = PurePosixPath(source.split("?", 1)[0]).name
+    if kind == "video":
+        from ssd_core.storage import open_uri
+
+        with tempfile.TemporaryDirectory(prefix="ssd-predict-") as scratch:
+            local = Path(scratch) / name
+            with open_uri(source) as remote, open(local, "wb") as handle:
+                while chunk := remote.read(1 << 22):
+                    handle.write(chunk)
+            result = predict(model, local, output, batch_size=batch_size, progress=progress,
+                             weights=header["model"]["weights"])
+        document = json.loads(result.json_path.read_text())
+        _write_json({**document, "input": source}, "frames", result.json_path)
+        return result
+    if kind == "image":
+        files, root = [source], source[: source.rindex("/")]
+        single = output.suffix.lower() in IMAGE_EXTENSIONS
+        json_path = output.with_suffix(".json") if single else output / "detections.json"
+    else:
+        files, root = list_image_files(source), source
+        if not files:
+            raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {source}")
+        if output.exists() and not output.is_dir():
+            raise ValueError(f"output {output} is a file; a folder input needs an output folder")
+        single, json_path = False, output / "detections.json"
+
+    def output_for(relative: PurePosixPath) -> Path:
+        return output if single else output / _annotated_name(Path(relative))
 
     records, written = predict_images(model, files, root, output_for, batch_size=batch_size,
                                       progress=progress and kind == "folder", strict=kind == "image")

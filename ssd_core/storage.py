@@ -28,6 +28,7 @@ __all__ = [
     "open_uri",
     "join_uri",
     "exists",
+    "remove",
 ]
 
 
@@ -147,6 +148,15 @@ def exists(uri: str | os.PathLike, storage_options: Mapping[str, Any] | None = N
     """Whether a file or directory (S3: object or prefix) exists."""
     fs, path = filesystem_for(uri, storage_options)
     return bool(fs.exists(path))
+
+
+def remove(uri: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Delete a file or a whole directory (S3: object or prefix); False when there was nothing."""
+    fs, path = filesystem_for(uri, storage_options)
+    if not fs.exists(path):
+        return False
+    fs.rm(path, recursive=True)
+    return True
 
 
 def atomic_write_bytes(

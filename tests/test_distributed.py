@@ -174,7 +174,12 @@ def test_run_stopped_after_a_checkpoint_resumes_under_the_same_name(ray_cluster,
     records_before = train_records(run_dir)
     assert [r["step"] for r in records_before] == [1, 2, 3]
 
-    second = fit_distributed(small_config(synth_data, run_dir), num_workers=2)
+    # Started again without --resume, the run folder is refused before any worker starts.
+    with pytest.raises(ValueError, match=r"already holds a run \(last\.pt, metrics\.jsonl, .*ray/run\); pass --resume"):
+        fit_distributed(small_config(synth_data, run_dir), num_workers=2)
+    assert train_records(run_dir) == records_before
+
+    second = fit_distributed(small_config(synth_data, run_dir, resume=True), num_workers=2)
 
     # Ray handed the new trainer the latest checkpoint of the stopped run (step 3, after step 2's).
     assert second["resumed_from"] is not None
@@ -188,6 +193,36 @@ def test_run_stopped_after_a_checkpoint_resumes_under_the_same_name(ray_cluster,
     local_final = torch.load(run_dir / "last.pt", weights_only=True)
     for key, value in ray_final["model"].items():
         assert torch.equal(local_final["model"][key], value), key
+
+
+def test_overwrite_replaces_the_run_and_its_ray_checkpoints(ray_cluster, synth_data, tmp_path):
+    import shutil
+
+    from ssd_core.data import CocoDataset
+
+    # A copy of the data where the first image rank 1 reads is corrupt: only rank 1 sees it, and rank 0
+    # (which writes metrics.jsonl) must still count it.
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data)
+    index = engine.EpochSampler(16, seed=0, rank=1, world_size=2).order()[0].item()
+    corrupt = Path(CocoDataset(str(data), "train").image_path(index))
+    corrupt.write_bytes(b"\xff\xd8 cut short")
+    synth_data = str(data)
+    run_dir = tmp_path / "run"
+    fit_distributed(small_config(synth_data, run_dir, max_steps=2), num_workers=2)
+    (run_dir / "notes.txt").write_text("kept")
+    old_checkpoints = sorted(p.name for p in (run_dir / "ray" / "run").iterdir() if p.name.startswith("step-"))
+    assert old_checkpoints
+
+    again = fit_distributed(small_config(synth_data, run_dir, max_steps=1, overwrite=True), num_workers=2)
+
+    # A fresh run: not resumed from Ray's checkpoints of the old one, which are gone, nor from last.pt.
+    assert again["resumed_from"] is None and again["step"] == 1
+    assert [r["step"] for r in train_records(run_dir)] == [1]
+    assert train_records(run_dir)[0]["skipped_images"] == 1 and again["skipped_images"] == 1
+    assert not any(p.name in old_checkpoints for p in (run_dir / "ray" / "run").iterdir())
+    assert torch.load(run_dir / "last.pt", weights_only=True)["state"]["step"] == 1
+    assert (run_dir / "notes.txt").read_text() == "kept"  # only the run's own files are replaced
 
 
 # -- 3. a worker killed mid-run is replaced ----------------------------------------------------------------
@@ -252,7 +287,7 @@ def test_checkpoints_go_to_s3_and_a_run_resumes_from_there(ray_cluster, synth_da
     assert (first["stop_reason"], first["step"]) == ("max_steps", 2)
     assert first["ray_checkpoint"].startswith(f"{s3_bucket}/ray-runs/s3-run/step-000002")
 
-    second = fit_distributed(small_config(synth_data, run_dir), num_workers=2, storage_path=storage,
+    second = fit_distributed(small_config(synth_data, run_dir, resume=True), num_workers=2, storage_path=storage,
                              run_name="s3-run")
     assert second["resumed_from"] == first["ray_checkpoint"]
     assert_finished_run(second, run_dir, epochs=2, steps=8)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ssd_core.checkpoint import read_checkpoint
+from ssd_core.cli import main
 from ssd_core.data import CocoDataset, build_preset, write_synthetic_dataset
 from ssd_core.engine import (
     EpochSampler,
@@ -219,6 +220,100 @@ def test_resume_mid_epoch_ends_with_the_uninterrupted_weights(tiny_data, tmp_pat
     assert [s for s, _ in resumed_log] == [s for s, _ in straight_log]  # no duplicated steps after resume
     assert [loss for _, loss in resumed_log] == pytest.approx([loss for _, loss in straight_log], rel=1e-4)
     assert resumed["AP50"] == pytest.approx(straight["AP50"], abs=1e-6)
+
+
+# -- the run folder -----------------------------------------------------------------------------------
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(tiny_data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    fit(tiny_config(tiny_data, run_dir, max_steps=2, log_every=1))
+    (run_dir / "notes.txt").write_text("kept")
+    before = {name: (run_dir / name).read_bytes() for name in ("last.pt", "metrics.jsonl", "config.json")}
+
+    code = main(["train", "--arch", ARCH, "--data", str(tiny_data), "--output", str(run_dir), "--epochs", "2",
+                 "--batch-size", "4", "--size", "96", "--precision", "fp32", "--loader-workers", "0",
+                 "--max-steps", "3", "--no-progress"])
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(errors) == 1, errors
+    assert "already holds a run (last.pt, metrics.jsonl); pass --resume" in errors[0] and "--overwrite" in errors[0]
+    assert {name: (run_dir / name).read_bytes() for name in before} == before  # nothing touched
+
+    def steps_logged() -> list[int]:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return [r["step"] for r in map(json.loads, lines) if r["kind"] == "train"]
+
+    resumed = fit(tiny_config(tiny_data, run_dir, max_steps=3, log_every=1, resume=True))
+    assert resumed["step"] == 3 and steps_logged() == [1, 2, 3]
+
+    fresh = fit(tiny_config(tiny_data, run_dir, max_steps=1, log_every=1, overwrite=True))
+    assert fresh["step"] == 1 and steps_logged() == [1]
+    assert read_checkpoint(str(run_dir / "last.pt"))["state"]["step"] == 1
+    assert (run_dir / "notes.txt").read_text() == "kept"
+    with pytest.raises(ValueError, match="exclude each other"):
+        fit(tiny_config(tiny_data, run_dir, resume=True, overwrite=True))
+
+
+# -- real datasets: COCO 2017's layout, unreadable images -----------------------------------------------
+
+
+def as_coco2017(source: Path, target: Path) -> Path:
+    (target / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        shutil.copytree(source / split, target / f"{split}2017")
+        shutil.copy(source / "annotations" / f"instances_{split}.json",
+                    target / "annotations" / f"instances_{split}2017.json")
+    return target
+
+
+def test_explicit_split_locations_replace_the_data_layout(tiny_data, tmp_path):
+    from ssd_core.engine import build_datasets
+
+    coco = as_coco2017(tiny_data, tmp_path / "coco")
+    config = tiny_config("", tmp_path / "run", train_images=str(coco / "train2017"),
+                         train_annotations=str(coco / "annotations" / "instances_train2017.json"),
+                         val_images=str(tiny_data / "val"), val_annotations=str(tiny_data / "annotations" / "instances_val.json"))
+    train, val = build_datasets(config.resolved(), (96, 96))
+    assert (train.image_folder, val.image_folder) == (str(coco / "train2017"), str(tiny_data / "val"))
+    assert len(train) == 24 and len(val) == 8 and train[0][0].shape == (3, 96, 96)
+    with pytest.raises(ValueError, match="--val-images and --val-annotations go together"):
+        tiny_config(tiny_data, tmp_path / "run", val_images=str(tiny_data / "val")).resolved()
+    with pytest.raises(ValueError, match="data: a dataset directory .* or --train-images and --train-annotations"):
+        tiny_config("", tmp_path / "run").resolved()
+
+
+@pytest.mark.slow
+def test_training_on_coco2017_layout_skips_and_counts_unreadable_images(tiny_data, tmp_path, capsys, caplog):
+    coco = as_coco2017(tiny_data, tmp_path / "coco")
+    names = [image["file_name"] for image in
+             json.loads((coco / "annotations" / "instances_train2017.json").read_text())["images"]]
+    truncated, missing = coco / "train2017" / names[3], coco / "train2017" / names[10]
+    truncated.write_bytes(truncated.read_bytes()[:300])  # a JPEG cut off inside its header
+    missing.unlink()
+    val_names = [image["file_name"] for image in
+                 json.loads((coco / "annotations" / "instances_val2017.json").read_text())["images"]]
+    (coco / "val2017" / val_names[1]).write_bytes(b"not an image")  # evaluation scores the other images
+    args = ["train", "--arch", ARCH, "--data", str(coco), "--epochs", "1", "--batch-size", "4", "--size", "96",
+            "--precision", "fp32", "--loader-workers", "2", "--eval-max-images", "4", "--no-progress"]
+
+    assert main([*args, "--output", str(tmp_path / "run")]) == 0  # loader worker processes, as in real runs
+
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["stop_reason"] == "completed" and summary["step"] == 6  # 24 images, batches of 4: all full
+    assert summary["skipped_images"] == 2
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["skipped_images"] for r in records if r["kind"] == "train") == 2
+    assert [r["kind"] for r in records].count("eval") == 1 and summary["AP"] is not None
+    assert any("evaluation skips an unreadable image" in r.getMessage() and val_names[1] in r.getMessage()
+               for r in caplog.records)
+    warnings = [r.getMessage() for r in caplog.records if "unreadable training image" in r.getMessage()]
+    assert len(warnings) == 2 and any(str(truncated) in w for w in warnings)
+    assert any(f"{missing}: image file for image id" in w and "not found" in w for w in warnings)
+
+    assert main([*args, "--output", str(tmp_path / "strict"), "--strict"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("ssd train: error:") and (str(truncated) in error or str(missing) in error)
+    assert not (tmp_path / "strict" / "last.pt").exists()
 
 
 # -- it learns ----------------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ def test_cli_scores_a_results_file(coco_files, tmp_path, capsys):
     _, gt_path, dt_path = coco_files
     out = tmp_path / "report"
     assert ssd_main(["eval", "--annotations", str(gt_path), "--results", str(dt_path), "--output", str(out),
-                     "--show-gt"]) == 0
+                     "--show-gt", "--confusion-score", "0.5"]) == 0
     printed = capsys.readouterr().out
     saved = json.loads((out / "metrics.json").read_text())
     assert set(evaluation.METRIC_NAMES) <= set(saved)
@@ -169,8 +169,11 @@ def test_cli_scores_a_results_file(coco_files, tmp_path, capsys):
     assert json.loads((out / "results.json").read_text()) == json.loads(dt_path.read_text())
     report = (out / "report.md").read_text()
     assert "| AP50 |" in report and "| bird |" in report
-    assert "(pr_curves.png)" in report and "(samples.png)" in report
-    for picture in ("pr_curves.png", "samples.png"):
+    assert "(pr_curves.png)" in report and "(samples.png)" in report and "(confusion.png)" in report
+    confusion = saved["confusion"]
+    assert (confusion["score_threshold"], confusion["iou_threshold"]) == (0.5, 0.5)
+    assert confusion == evaluation.confusion_matrix(gt_path, dt_path, score_threshold=0.5)
+    for picture in ("pr_curves.png", "samples.png", "confusion.png"):
         with Image.open(out / picture) as image:
             assert image.width > 300 and image.height > 200
 
@@ -297,3 +300,117 @@ def test_no_images_to_score_is_an_error_not_all_images(coco_files):
         evaluation.coco_metrics(gt_path, dt_path, image_ids=[])
     only_first = evaluation.coco_metrics(gt_path, [], image_ids=[10])
     assert only_first["num_images"] == 1
+
+
+def test_confusion_matrix_counts_matches_confusions_misses_and_false_positives():
+    categories = [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]
+
+    def box(image_id, category_id, bbox, iscrowd=0):
+        return {"image_id": image_id, "category_id": category_id, "bbox": bbox, "iscrowd": iscrowd,
+                "area": bbox[2] * bbox[3]}
+
+    truth = [box(1, 3, [0, 0, 20, 20]), box(1, 7, [50, 50, 20, 20]), box(1, 3, [80, 0, 10, 10]),
+             box(1, 3, [0, 60, 30, 30], iscrowd=1), box(2, 7, [10, 10, 40, 40]), box(3, 3, [0, 0, 50, 50])]
+    gt = {"images": [{"id": i, "file_name": f"{i}.png", "width": 100, "height": 100} for i in (1, 2, 3)],
+          "annotations": [{**a, "id": n} for n, a in enumerate(truth, start=1)], "categories": categories}
+    coco_gt = COCO()
+    coco_gt.dataset = gt
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt.createIndex()
+    detections = [
+        {"image_id": 1, "category_id": 3, "bbox": [1, 1, 20, 20], "score": 0.9},    # cat as cat
+        {"image_id": 1, "category_id": 3, "bbox": [50, 50, 20, 20], "score": 0.8},  # the dog as cat (IoU 1)
+        {"image_id": 1, "category_id": 7, "bbox": [51, 51, 20, 20], "score": 0.7},  # second on the dog: FP
+        {"image_id": 1, "category_id": 7, "bbox": [0, 0, 20, 20], "score": 0.1},    # below the score threshold
+        {"image_id": 1, "category_id": 3, "bbox": [2, 62, 20, 20], "score": 0.9},   # inside the crowd: ignored
+        {"image_id": 2, "category_id": 3, "bbox": [60, 60, 10, 10], "score": 0.5},  # nothing there: FP
+        {"image_id": 3, "category_id": 7, "bbox": [0, 0, 50, 50], "score": 0.9},    # image 3 not scored
+    ]
+    confusion = evaluation.confusion_matrix(coco_gt, detections, iou_threshold=0.5, score_threshold=0.25,
+                                            image_ids=[1, 2])
+    assert confusion["classes"] == ["cat", "dog", "background"]
+    # rows: ground truth cat, dog, background (false positives); columns: detected as cat, dog, background (missed)
+    assert confusion["matrix"] == [[1, 0, 1],
+                                   [1, 0, 1],
+                                   [1, 1, 0]]
+    assert confusion["per_class"]["cat"] == {"ground_truth": 2, "detections": 3, "true_positives": 1,
+                                             "precision": 1 / 3, "recall": 0.5}
+    assert confusion["per_class"]["dog"]["precision"] == 0.0 and confusion["per_class"]["dog"]["recall"] == 0.0
+    # Image 3 scored too: its cat detected as dog.
+    assert evaluation.confusion_matrix(coco_gt, detections)["matrix"][0] == [1, 1, 1]
+
+
+def test_report_has_confusion_matrix_and_per_class_counts(coco_files, tmp_path):
+    _, gt_path, dt_path = coco_files
+    metrics = evaluation.coco_metrics(gt_path, dt_path)
+    evaluation.write_report(metrics, tmp_path, results=evaluation.load_results(dt_path), gt=gt_path, sample_images=0)
+    saved = json.loads((tmp_path / "metrics.json").read_text())["confusion"]
+    matrix = np.array(saved["matrix"])
+    gt = json.loads(gt_path.read_text())
+    non_crowd = [a for a in gt["annotations"] if not a["iscrowd"]]
+    assert matrix[:-1].sum() == len(non_crowd)  # every ground-truth box lands in exactly one cell of its row
+    for k, category in enumerate(sorted(gt["categories"], key=lambda c: c["id"])):
+        assert matrix[k].sum() == sum(a["category_id"] == category["id"] for a in non_crowd)
+    kept = [d for d in json.loads(dt_path.read_text()) if d["score"] >= 0.25]
+    assert matrix[:, :-1].sum() <= len(kept)  # matched + false positives; detections on the crowd region ignored
+    report = (tmp_path / "report.md").read_text()
+    assert "| class | AP | AP50 | ground truth | detections | correct | precision | recall |" in report
+    assert "(confusion.png)" in report
+    with Image.open(tmp_path / "confusion.png") as image:
+        assert image.width > 300 and image.height > 300
+
+
+def test_cli_evaluates_torchvision_weights_given_their_arch(synthetic_root, tmp_path, capsys):
+    """torchvision's SSDLite state_dict through `ssd eval --arch`: the detections in results.json are
+    torchvision's own on the same images, with its COCO labels mapped to the dataset's categories by name."""
+    import shutil
+
+    import torchvision
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    document = json.loads((root / "annotations" / "instances_val.json").read_text())
+    coco_names = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train"]
+    for category, name in zip(sorted(document["categories"], key=lambda c: c["id"]), coco_names):
+        category["name"] = name
+    (root / "annotations" / "instances_val.json").write_text(json.dumps(document))
+
+    torch.manual_seed(0)
+    reference = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None,
+                                                                           num_classes=91)
+    with torch.no_grad():  # spread the scores out (SSDLite's own init ties them all at 1/91)
+        for module in reference.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, mode="fan_in")
+    weights = tmp_path / "torchvision_ssdlite.pt"
+    torch.save(reference.state_dict(), weights)
+    out = tmp_path / "report"
+    args = ["eval", "--weights", str(weights), "--data", str(root), "--output", str(out), "--batch-size", "2",
+            "--workers", "0", "--max-images", "2", "--samples", "0"]
+
+    assert ssd_main(args) == 1  # not our checkpoint: the architecture must be named
+    assert "--arch" in capsys.readouterr().err
+    assert ssd_main([*args, "--arch", "ssdlite320_mobilenet_v3_large"]) == 0
+
+    results = json.loads((out / "results.json").read_text())
+    from ssd_core.data import CocoDataset
+
+    dataset = CocoDataset(root, "val")
+    category_of = {c["name"]: c["id"] for c in document["categories"]}
+    tv_names = torchvision.models.detection.SSDLite320_MobileNet_V3_Large_Weights.COCO_V1.meta["categories"]
+    reference.eval()
+    for index in range(2):
+        image, target = dataset[index]
+        with torch.no_grad():
+            expected = reference([image])[0]
+        keep = [i for i, label in enumerate(expected["labels"].tolist()) if tv_names[label] in category_of]
+        expected_top = sorted(((float(expected["scores"][i]), category_of[tv_names[int(expected["labels"][i])]],
+                                expected["boxes"][i].tolist()) for i in keep), key=lambda t: -t[0])[:5]
+        got = sorted((d for d in results if d["image_id"] == target["image_id"]), key=lambda d: -d["score"])[:5]
+        assert expected_top and len(got) == len(expected_top)
+        for (score, category_id, (x1, y1, x2, y2)), detection in zip(expected_top, got):
+            assert detection["category_id"] == category_id
+            assert detection["score"] == pytest.approx(score, abs=1e-4)
+            assert detection["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=0.05)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["num_images"] == 2 and saved["confusion"]["classes"][-1] == "background"

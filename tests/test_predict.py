@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from s3_server import moto_s3, s3_bucket  # noqa: F401
 
 from ssd_core import build_model, load_model
 from ssd_core.cli import main as cli_main
@@ -203,3 +204,88 @@ def test_clear_errors(tmp_path, checkpoint, capsys):
     err = _error(capsys, "--weights", str(mismatched), "--input", str(image), "--output", out)
     assert f"weights {mismatched}" in err and "3 class names for 4 classes" in err
     assert not Path(out).exists(), "nothing is written when the model cannot load"
+
+
+# -- remote inputs: s3:// (moto's server) and http(s):// (a loopback web server), read through fsspec ----------
+
+
+@pytest.fixture
+def web_server(tmp_path):
+    """A web server on 127.0.0.1 serving tmp_path/site with directory listings (python's http.server)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    site = tmp_path / "site"
+    site.mkdir()
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield site, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _photos(folder: Path) -> dict[str, np.ndarray]:
+    pixels = {"a.jpg": _image(folder / "a.jpg", (320, 240), seed=2),
+              "sub/b.png": _image(folder / "sub" / "b.png", (200, 300), seed=3)}
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    return pixels
+
+
+def _check_folder(out: Path, pixels: dict[str, np.ndarray], reference, source: str) -> None:
+    document = json.loads((out / "detections.json").read_text())
+    assert document["input"] == source
+    records = {r["file"]: r for r in document["images"]}
+    assert set(records) == {"a.jpg", "broken.jpg", "sub/b.png"}
+    assert "not a recognised image format" in records["broken.jpg"]["error"]
+    for name, image in pixels.items():
+        _assert_record_matches(records[name], reference(image))
+        assert Image.open(out / name).size == (image.shape[1], image.shape[0])
+
+
+def test_s3_prefix_and_object(tmp_path, checkpoint, reference, s3_bucket, capsys):  # noqa: F811
+    import boto3
+
+    local = tmp_path / "photos"
+    pixels = _photos(local)
+    s3 = boto3.client("s3")
+    for path in local.rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), s3_bucket, f"photos/{path.relative_to(local).as_posix()}")
+    s3.put_object(Bucket=s3_bucket, Key="photos/notes.txt", Body=b"ignored")
+
+    source = f"s3://{s3_bucket}/photos"
+    assert _predict("--weights", str(checkpoint), "--input", source, "--output", str(tmp_path / "out")) == 0
+    assert "2 images" in capsys.readouterr().out
+    _check_folder(tmp_path / "out", pixels, reference, source)
+
+    single = tmp_path / "single.png"
+    assert _predict("--weights", str(checkpoint), "--input", f"{source}/sub/b.png", "--output", str(single)) == 0
+    (record,) = json.loads(single.with_suffix(".json").read_text())["images"]
+    assert record["file"] == "b.png"
+    _assert_record_matches(record, reference(pixels["sub/b.png"]))
+
+    assert _predict("--weights", str(checkpoint), "--input", f"{source}/missing.jpg", "--output", str(single)) == 1
+    assert f"input not found: {source}/missing.jpg" in capsys.readouterr().err
+
+
+def test_web_folder_and_image(tmp_path, checkpoint, reference, web_server, capsys):
+    site, base = web_server
+    pixels = _photos(site / "photos")
+    source = f"{base}/photos/"
+    assert _predict("--weights", str(checkpoint), "--input", source, "--output", str(tmp_path / "out")) == 0
+    _check_folder(tmp_path / "out", pixels, reference, source)
+
+    single = tmp_path / "single.jpg"
+    assert _predict("--weights", str(checkpoint), "--input", f"{base}/photos/a.jpg", "--output", str(single)) == 0
+    (record,) = json.loads(single.with_suffix(".json").read_text())["images"]
+    assert record["file"] == "a.jpg"
+    _assert_record_matches(record, reference(pixels["a.jpg"]))
+    assert _predict("--weights", str(checkpoint), "--input", f"{base}/photos/gone.jpg", "--output", str(single)) == 1
+    assert "input not found" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""`ssd data ...`: write the synthetic dataset, download COCO 2017, summarise a COCO-format dataset."""
+"""`ssd data ...`: write the synthetic dataset, download COCO 2017, summarise a COCO-format dataset,
+convert VOC / YOLO datasets."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("data", help="datasets: synthetic shapes, dataset summaries")
+    parser = subparsers.add_parser("data", help="datasets: synthetic shapes, summaries, VOC/YOLO conversion")
     actions = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
     synth = actions.add_parser("synth", help="write the deterministic synthetic shapes dataset (COCO format)")
@@ -34,12 +35,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     download.add_argument("--keep-archives", action="store_true", help="keep the zip files after extraction")
     download.set_defaults(func=run_download)
 
-    stats = actions.add_parser("stats", help="load a COCO-format split and print counts per class and scale")
+    stats = actions.add_parser("stats", help="images, boxes per class and box sizes of a COCO-format dataset")
     stats.add_argument(
-        "root", help="dataset folder or s3:// prefix (annotations/instances_SPLIT.json, SPLIT/)"
+        "root", help="dataset folder or s3:// prefix (annotations/instances_SPLIT.json and SPLIT/, or COCO 2017's "
+        "annotations/instances_SPLIT2017.json and SPLIT2017/)"
     )
-    stats.add_argument("--split", default="val", metavar="SPLIT", help="split name (default val)")
+    stats.add_argument("--split", default=None, metavar="SPLIT", help="one split (default: train and val)")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of tables")
     stats.set_defaults(func=run_stats)
+
+    convert = actions.add_parser(
+        "convert", help="write a Pascal VOC or YOLO dataset as a COCO-format dataset",
+        description="Convert a Pascal VOC folder (Annotations/, JPEGImages/, ImageSets/Main/{train,val}.txt) or a "
+        "YOLO dataset (images/ and labels/ folders, class names in data.yaml or classes.txt) into OUT/annotations/"
+        "instances_{train,val}.json and OUT/{train,val}/ (images copied). VOC boxes are 1-based inclusive pixel "
+        "indices: COCO x = xmin - 1, w = xmax - xmin + 1. VOC's difficult/truncated flags are kept as annotation "
+        "attributes.",
+    )
+    convert.add_argument("src", help="the dataset folder")
+    convert.add_argument("--from", dest="source_format", required=True, choices=["voc", "yolo"])
+    convert.add_argument("--output", required=True, metavar="OUT", help="new dataset folder")
+    convert.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                         help="share of images for val when the source has no train/val split (default 0.1)")
+    convert.add_argument("--seed", type=int, default=0, help="seed of that split (default 0)")
+    convert.set_defaults(func=run_convert)
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -65,6 +84,38 @@ def run_download(args: argparse.Namespace) -> int:
 def run_stats(args: argparse.Namespace) -> int:
     from ssd_core.data.coco import CocoDataset, dataset_statistics
 
-    dataset = CocoDataset(args.root, split=args.split)
-    print(json.dumps(dataset_statistics(dataset), indent=2))
+    stats, missing = {}, []
+    for split in [args.split] if args.split else ["train", "val"]:
+        try:
+            stats[split] = dataset_statistics(CocoDataset(args.root, split=split))
+        except FileNotFoundError as exc:
+            missing.append(exc)  # a dataset may hold one split only (e.g. COCO's val2017 alone)
+    if not stats:
+        raise missing[0]
+    print(json.dumps(stats if args.split is None else stats[args.split], indent=2) if args.json
+          else "\n\n".join(format_statistics(split, value) for split, value in stats.items()))
+    return 0
+
+
+def format_statistics(split: str, stats: dict) -> str:
+    """`dataset_statistics` as a short text table."""
+    lines = [f"{split}: {stats['images']} images ({stats['images_without_boxes']} without boxes), "
+             f"{stats['boxes']} boxes  [{stats['annotation_file']}]"]
+    width = max([len(name) for name in stats["boxes_per_class"]] + [5])
+    lines.append(f"  {'class':<{width}}  {'boxes':>8}")
+    lines += [f"  {name:<{width}}  {count:>8}" for name, count in stats["boxes_per_class"].items()]
+    scales = stats["boxes_per_scale"]
+    lines.append(f"  box sizes by COCO area: small (< 32x32) {scales['small']}, medium {scales['medium']}, "
+                 f"large (>= 96x96) {scales['large']}")
+    left_out = {key: value for key, value in stats["left_out"].items() if value}
+    if left_out:
+        lines.append("  left out of training: " + ", ".join(f"{value} {key}" for key, value in left_out.items()))
+    return "\n".join(lines)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from ssd_core.data.convert import CONVERTERS
+
+    summary = CONVERTERS[args.source_format](args.src, args.output, val_fraction=args.val_fraction, seed=args.seed)
+    print(json.dumps(summary, indent=2))
     return 0

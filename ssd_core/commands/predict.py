@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--weights", metavar="W",
                         help="our checkpoint (e.g. RUN_DIR/last.pt; local or s3://), or a torchvision/NVIDIA "
                         "SSD state_dict together with --arch")
-    parser.add_argument("--input", required=True, metavar="IMAGE|DIR|VIDEO")
+    parser.add_argument("--input", required=True, metavar="IMAGE|DIR|VIDEO", help="a local path, or an s3:// or "
+                        "https:// image, video, prefix or folder (a web page listing its files as links)")
     parser.add_argument("--output", required=True, metavar="PATH")
     parser.add_argument("--score-threshold", type=float, default=0.3, metavar="T",
                         help="keep detections scoring above T (default: 0.3)")
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     from pathlib import Path
 
-    input_kind(Path(args.input))  # a missing or unsupported input fails before the model loads
+    input_kind(args.input)  # a missing or unsupported input fails before the model loads
     model = load_detector(args.weights, arch=args.arch, precision=args.precision,
                           score_threshold=args.score_threshold, device=args.device)
     result = predict(model, args.input, args.output, batch_size=args.batch_size,

@@ -25,8 +25,15 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     from ssd_core.precision import PRECISIONS
 
     parser.add_argument("--arch", default=None, help="architecture (default ssdlite320_mobilenet_v3_large)")
-    parser.add_argument("--data", required=True, metavar="DIR", help="dataset root (local or s3://) with "
-                        "annotations/instances_{train,val}.json and {train,val}/")
+    parser.add_argument("--data", metavar="DIR", help="dataset root (local or s3://) with "
+                        "annotations/instances_{train,val}.json and {train,val}/, or COCO 2017 as downloaded "
+                        "(annotations/instances_{train,val}2017.json, {train,val}2017/)")
+    for split in ("train", "val"):
+        parser.add_argument(f"--{split}-images", metavar="DIR", help=f"{split} image folder (local or s3://), "
+                            f"with --{split}-annotations instead of --data's layout")
+        parser.add_argument(f"--{split}-annotations", metavar="JSON", help=f"{split} COCO annotation file")
+    parser.add_argument("--strict", action="store_true", help="fail on a missing or undecodable training image "
+                        "(default: skip it with a warning and count it in metrics.jsonl)")
     parser.add_argument("--output", required=True, metavar="RUN_DIR", help="run directory (local or s3://)")
     parser.add_argument("--weights", default=None, metavar="W", help="start from these detector weights "
                         "(fine-tuning): a registry name (DEFAULT, COCO_V1; see `ssd weights list`), a path, s3:// or "
@@ -56,6 +63,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None)
     parser.add_argument("--eval-max-images", type=int, default=None, metavar="N", help="evaluate on the first N val images")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files in RUN_DIR/"
+                        "tensorboard (metrics also go to MLflow when MLFLOW_TRACKING_URI is set)")
 
 
 def config_from_args(args: argparse.Namespace, **defaults: Any) -> Any:
@@ -71,6 +80,8 @@ def config_from_args(args: argparse.Namespace, **defaults: Any) -> Any:
         "eval_max_images": "eval_max_images", "epochs": "epochs", "checkpoint_every": "checkpoint_every",
         "eval_every": "eval_every", "max_steps": "max_steps", "weights": "weights",
         "weights_backbone": "weights_backbone", "trainable_backbone_layers": "trainable_backbone_layers",
+        "train_images": "train_images",
+        "train_annotations": "train_annotations", "val_images": "val_images", "val_annotations": "val_annotations",
     }
     for arg_name, field_name in mapping.items():
         value = getattr(args, arg_name, None)
@@ -84,6 +95,12 @@ def config_from_args(args: argparse.Namespace, **defaults: Any) -> Any:
         values["model"] = {**values.get("model", {}), "size": args.size}
     if getattr(args, "resume", False):
         values["resume"] = True
+    if getattr(args, "overwrite", False):
+        values["overwrite"] = True
+    if getattr(args, "strict", False):
+        values["strict"] = True
+    if getattr(args, "no_tensorboard", False):
+        values["tensorboard"] = False
     if args.no_progress:
         values["progress"] = False
     return TrainConfig.from_dict(values)
@@ -95,11 +112,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train an SSD (progress bar, metrics.jsonl, curves.png, last.pt/best.pt checkpoints)",
         description="Train an SSD on a COCO-format dataset. Writes RUN_DIR/config.json, metrics.jsonl, "
         "curves.png, last.pt (every epoch and every --checkpoint-every steps) and best.pt (best AP); "
-        "--resume continues a stopped run exactly where it stopped.",
+        "--resume continues a stopped run exactly where it stopped; a RUN_DIR that already holds a run is "
+        "refused unless --resume or --overwrite is given.",
     )
     add_training_arguments(parser)
     parser.add_argument("--epochs", type=int, default=None, metavar="E")
-    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last.pt")
+    existing.add_argument("--overwrite", action="store_true", help="delete the run already in RUN_DIR (checkpoints, "
+                          "metrics, Ray checkpoints) and start afresh; without --resume or --overwrite such a "
+                          "RUN_DIR is refused")
     parser.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
                         help="also checkpoint every STEPS steps (default: every epoch only)")
     parser.add_argument("--eval-every", type=int, default=None, metavar="EPOCHS", help="0: only after the last epoch")

@@ -1,6 +1,8 @@
 """COCO-format detection datasets read from a local folder or any fsspec URL (s3://, gs://, ...).
 
-Layout: `ROOT/annotations/instances_{split}.json` and the images under `ROOT/{split}/`.
+Layouts: the project's `ROOT/annotations/instances_{split}.json` with the images under `ROOT/{split}/`,
+COCO 2017's as downloaded (`ROOT/annotations/instances_{split}2017.json`, `ROOT/{split}2017/`), found
+automatically, or an explicit annotation file and image folder (each local or remote).
 Category ids map to contiguous labels: 0 is background, 1..K follow the sorted category ids.
 """
 
@@ -133,6 +135,29 @@ def parse_coco_document(document: Any, source: str) -> dict[str, Any]:
     }
 
 
+class UnreadableImageError(ValueError):
+    """An image file that is missing or cannot be decoded. One message argument ("path: reason"), so
+    that DataLoader can re-raise it from a worker process."""
+
+
+def split_paths(root: str, split: str, storage_options: dict[str, Any] | None = None) -> tuple[str, str]:
+    """(annotation file, image folder) of `split` under `root`: the project's layout
+    (annotations/instances_{split}.json, {split}/) if present, else COCO 2017's as downloaded
+    (annotations/instances_{split}2017.json, {split}2017/)."""
+    import fsspec
+
+    root = str(root).rstrip("/")
+    candidates = [(f"{root}/annotations/instances_{split}.json", f"{root}/{split}")]
+    if not split.endswith("2017"):
+        candidates.append((f"{root}/annotations/instances_{split}2017.json", f"{root}/{split}2017"))
+    fs, _ = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    for annotation_file, image_folder in candidates:
+        if fs.exists(annotation_file):
+            return annotation_file, image_folder
+    tried = " nor ".join(annotation_file.removeprefix(root + "/") for annotation_file, _ in candidates)
+    raise FileNotFoundError(f"{root}: annotation file not found for split {split!r} (neither {tried})")
+
+
 def _decode_image(data: bytes, source: str, image_id: int) -> torch.Tensor:
     """Decode to uint8 [3, H, W] RGB with EXIF orientation applied (torchvision, PIL as fallback)."""
     from torchvision.io import ImageReadMode, decode_image
@@ -181,14 +206,19 @@ class CocoDataset(torch.utils.data.Dataset):
     ) -> None:
         import fsspec
 
-        self.root = str(root).rstrip("/")
         self.split = split
         self.transforms = transforms
         self.storage_options = dict(storage_options or {})
-        fs, _ = fsspec.core.url_to_fs(self.root, **self.storage_options)
+        if (annotation_file is None) != (image_folder is None):
+            raise ValueError(f"split {split!r}: give both annotation_file and image_folder, or neither")
+        if annotation_file is None:
+            annotation_file, image_folder = split_paths(str(root), split, self.storage_options)
+        self.annotation_path = str(annotation_file)
+        self.image_folder = str(image_folder).rstrip("/")
+        # The image folder's filesystem reads the images; the annotation file may live elsewhere.
+        self.root = str(root or self.image_folder).rstrip("/")
+        fs, _ = fsspec.core.url_to_fs(self.image_folder, **self.storage_options)
         self._fs, self._fs_pid = fs, os.getpid()
-        self.annotation_path = annotation_file or f"{self.root}/annotations/instances_{split}.json"
-        self.image_folder = (image_folder or f"{self.root}/{split}").rstrip("/")
 
         document = self._read_annotations()
         parsed = parse_coco_document(document, self.annotation_path)
@@ -223,13 +253,15 @@ class CocoDataset(torch.utils.data.Dataset):
         if self._fs is None or self._fs_pid != os.getpid():
             import fsspec
 
-            self._fs, _ = fsspec.core.url_to_fs(self.root, **self.storage_options)
+            self._fs, _ = fsspec.core.url_to_fs(self.image_folder, **self.storage_options)
             self._fs_pid = os.getpid()
         return self._fs
 
     def _read_annotations(self) -> Any:
+        import fsspec
+
         try:
-            with self.fs.open(self.annotation_path, "rb") as handle:
+            with fsspec.open(self.annotation_path, "rb", **self.storage_options) as handle:
                 raw = handle.read()
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.annotation_path}: annotation file not found") from None
@@ -242,13 +274,19 @@ class CocoDataset(torch.utils.data.Dataset):
         return f"{self.image_folder}/{self._file_names[index]}"
 
     def read_image(self, index: int) -> torch.Tensor:
-        """uint8 [3, H, W] RGB of image `index`, EXIF orientation applied."""
+        """uint8 [3, H, W] RGB of image `index`, EXIF orientation applied; UnreadableImageError when the
+        file is missing, cannot be read or cannot be decoded."""
         path, image_id = self.image_path(index), self.image_ids[index]
         try:
             data = self.fs.cat_file(path)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: image file for image id {image_id} not found") from None
-        return _decode_image(data, path, image_id)
+            raise UnreadableImageError(f"{path}: image file for image id {image_id} not found") from None
+        except OSError as exc:
+            raise UnreadableImageError(f"{path}: cannot read image id {image_id}: {exc}") from None
+        try:
+            return _decode_image(data, path, image_id)
+        except ValueError as exc:
+            raise UnreadableImageError(str(exc)) from None
 
     # --- dataset -----------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from ssd_core.data import CocoDataset, detections_to_coco_results
+from ssd_core.data.coco import UnreadableImageError, split_paths
 
 CATEGORIES = [{"id": 7, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 40, "name": "bird"}]
 
@@ -129,9 +130,10 @@ def test_invalid_json_and_missing_files(tmp_path, coco_writer):
     (root / "train" / "junk.jpg").write_bytes(b"not an image at all")
     dataset = CocoDataset(root, "train")
     assert dataset[0][0].shape == (3, 20, 20)
-    with pytest.raises(FileNotFoundError, match=r"gone\.png.*image id 2"):
+    # Missing and undecodable images raise the one error that training skips (unless --strict).
+    with pytest.raises(UnreadableImageError, match=r"gone\.png: image file for image id 2 not found"):
         dataset[1]
-    with pytest.raises(ValueError, match=r"junk\.jpg.*image id 3"):
+    with pytest.raises(UnreadableImageError, match=r"junk\.jpg.*image id 3"):
         dataset[2]
     with pytest.raises(FileNotFoundError, match=r"instances_val\.json"):
         CocoDataset(root, "val")
@@ -201,3 +203,36 @@ def test_other_image_formats_and_pickling(tmp_path, coco_writer):
         assert bright.shape == grey.shape == (3, 6, 8)
         torch.testing.assert_close(bright, torch.ones(3, 6, 8))
         torch.testing.assert_close(grey, torch.full((3, 6, 8), 0.2))
+
+
+def as_coco2017(source, target):
+    """A copy of a project-layout dataset in COCO 2017's downloaded layout."""
+    import shutil
+
+    (target / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        shutil.copytree(source / split, target / f"{split}2017")
+        shutil.copy(source / "annotations" / f"instances_{split}.json",
+                    target / "annotations" / f"instances_{split}2017.json")
+    return target
+
+
+def test_coco2017_layout_and_explicit_paths_read_the_same_split(synth_dir, tmp_path):
+    coco2017 = as_coco2017(synth_dir, tmp_path / "coco")
+    assert split_paths(str(coco2017), "val") == (f"{coco2017}/annotations/instances_val2017.json",
+                                                 f"{coco2017}/val2017")
+    reference = CocoDataset(synth_dir, "val")
+    detected = CocoDataset(coco2017, "val")
+    explicit = CocoDataset(None, "val", annotation_file=str(synth_dir / "annotations" / "instances_val.json"),
+                           image_folder=str(coco2017 / "val2017"))
+    for dataset in (detected, explicit):
+        assert dataset.image_ids == reference.image_ids and dataset.class_names == reference.class_names
+        for index in (0, len(reference) - 1):
+            (image, target), (expected_image, expected_target) = dataset[index], reference[index]
+            assert torch.equal(image, expected_image) and torch.equal(target["boxes"], expected_target["boxes"])
+    # The project's own names win where both layouts are present.
+    (coco2017 / "annotations" / "instances_val.json").write_text(
+        (synth_dir / "annotations" / "instances_val.json").read_text())
+    assert split_paths(str(coco2017), "val")[0].endswith("instances_val.json")
+    with pytest.raises(ValueError, match="both annotation_file and image_folder"):
+        CocoDataset(None, "val", annotation_file=str(synth_dir / "annotations" / "instances_val.json"))

@@ -90,5 +90,6 @@ def test_read_with_aws_endpoint_env_and_worker_processes(s3_endpoint, s3_dataset
 
 def test_missing_s3_annotation_file_is_named(s3_endpoint, s3_dataset):
     options = {"key": FAKE_KEY, "secret": FAKE_SECRET, "client_kwargs": {"endpoint_url": s3_endpoint}}
-    with pytest.raises(FileNotFoundError, match=r"s3://.*/shapes/annotations/instances_test\.json"):
+    with pytest.raises(FileNotFoundError, match=r"s3://.*/shapes: annotation file not found for split 'test' "
+                       r"\(neither annotations/instances_test\.json nor annotations/instances_test2017\.json\)"):
         CocoDataset(s3_dataset, "test", storage_options=options)
