@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ssd_core.allocator import tune_allocator
+from ssd_core.inference import optimize_for_inference
 from ssd_core.postprocess import postprocess
 from ssd_core.precision import resolve_precision
 
@@ -109,7 +110,7 @@ def bench_infer(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int
     ours.eval()
     images = _images(batch_size, height, width)
     auto = resolve_precision("auto", "cpu")
-    ours_auto = _clone_with_precision(ours, "auto")
+    ours_auto = optimize_for_inference(ours, "auto")
     reference_bf16 = _clone_channels_last(reference)
 
     def tv_fp32():
@@ -170,7 +171,7 @@ def bench_postprocess(reference, ours, images, *, repeats: int = 5) -> dict[str,
 def bench_train(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int = 480, width: int = 640) -> dict[str, Any]:
     """One SGD step (forward, loss, backward, update) of torchvision fp32 vs ours fp32 and auto."""
     reference, ours = _torchvision_pair(arch)
-    ours_auto = _clone_with_precision(ours, "auto")
+    ours_auto = _clone_with_precision(ours, "auto")  # trained: the plain network
     images, targets = _images(batch_size, height, width), _targets(batch_size, height, width)
 
     def stepper(model):
@@ -194,9 +195,9 @@ def bench_train(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int
 
 
 def _clone_with_precision(model, precision: str):
-    from ssd_core.inference import optimize_for_inference
+    import copy
 
-    return optimize_for_inference(model, precision)
+    return copy.deepcopy(model).set_precision(precision)
 
 
 def _clone_channels_last(model):

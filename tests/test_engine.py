@@ -333,7 +333,7 @@ def memorise_data(tmp_path_factory) -> Path:
 def test_short_training_lowers_loss_and_raises_ap50_far_above_untrained(memorise_data, tmp_path):
     config = tiny_config(
         memorise_data, tmp_path / "run", epochs=80, batch_size=8, lr=0.1, warmup_iters=5, augment="none",
-        precision="bf16", model={"size": [128, 128]}, eval_every=0, eval_max_images=None, eval_batch_size=8,
+        precision="auto", model={"size": [128, 128]}, eval_every=0, eval_max_images=None, eval_batch_size=8,
         log_every=5, weight_decay=0.0, threads=1,
     )
     untrained = build_model(ARCH, num_classes=7, class_names=CocoDataset(str(memorise_data), "val").class_names,
