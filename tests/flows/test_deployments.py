@@ -153,7 +153,7 @@ def test_deployments_run_end_to_end(stack, tmp_path):
     # Prefect's own command, as a user types it (`make deploy`); it stops non-zero at the first failure.
     output = stack.cli("--no-prompt", "deploy", "--all", timeout=300)
     names = {"train-ssd/train-ssd", "evaluate-ssd/evaluate-ssd", "detect-bucket/detect-bucket",
-             "download-coco/download-coco"}
+             "download-coco/download-coco", "compact-output/compact-output"}
     text = " ".join(output.replace("│", " ").split())  # Rich panels: borders and wrapping
     for name in names:
         assert f"Deployment '{name}' successfully created" in text, output
