@@ -294,7 +294,8 @@ def test_training_on_coco2017_layout_skips_and_counts_unreadable_images(tiny_dat
                  json.loads((coco / "annotations" / "instances_val2017.json").read_text())["images"]]
     (coco / "val2017" / val_names[1]).write_bytes(b"not an image")  # evaluation scores the other images
     args = ["train", "--arch", ARCH, "--data", str(coco), "--epochs", "1", "--batch-size", "4", "--size", "96",
-            "--precision", "fp32", "--loader-workers", "2", "--eval-max-images", "4", "--no-progress"]
+            "--precision", "fp32", "--loader-workers", "2", "--eval-max-images", "4", "--no-progress",
+            "--weights-backbone", "none"]
 
     assert main([*args, "--output", str(tmp_path / "run")]) == 0  # loader worker processes, as in real runs
 

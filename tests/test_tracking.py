@@ -24,6 +24,7 @@ def config(data: Path, output: Path, **changes) -> TrainConfig:
         arch="ssdlite320_mobilenet_v3_large", data=str(data), output=str(output), epochs=2, batch_size=4,
         lr=0.05, warmup_iters=1, precision="fp32", workers=0, seed=0, augment="none", model={"size": [96, 96]},
         eval_max_images=4, eval_batch_size=4, log_every=1, loader_probe_batches=0, progress=False, threads=1,
+        weights_backbone=None,
     )
     values.update(changes)
     return TrainConfig(**values)
