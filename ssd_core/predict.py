@@ -514,7 +514,7 @@ def _predict_url(model: SSD, source: str, kind: str, output: Path, header: dict[
     input. A video is copied to a temporary file first (the decoder reads local files)."""
     import tempfile
 
-    from ssd_core.bulk import IMAGE_EXTENSIONS
+    from ssd_core.images import IMAGE_EXTENSIONS
 
     name = PurePosixPath(source.split("?", 1)[0]).name
     if kind == "video":

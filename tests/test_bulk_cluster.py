@@ -42,6 +42,7 @@ def gpu_cluster(tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
+    ray.shutdown()  # an earlier test's local cluster: this driver must join the multi-node one below
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False})
     try:
         workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
