@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: setup
 	@mkdir -p "$(PREFECT_HOME)"
-	$(BIN)/python -m pytest -q --timeout=900 tests
+	$(BIN)/python -m pytest -q --timeout=900 --durations=30 tests
 
 test-fast: setup
 	@mkdir -p "$(PREFECT_HOME)"
