@@ -731,10 +731,11 @@ def prefetch_weights(config: TrainConfig) -> None:
         weights_file(config.weights_backbone, config.arch, backbone=True, progress=config.progress)
 
 
-def checkpoint_payload(
+def training_checkpoint(
     model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
     state: TrainState, config: TrainConfig, metrics: dict[str, Any] | None,
 ) -> dict[str, Any]:
+    """`zoo.checkpoint_payload` (the model alone) plus what resuming the run needs."""
     from ssd_core.zoo import checkpoint_payload as model_payload
 
     return {
@@ -834,7 +835,7 @@ def fit(config: TrainConfig, runtime: Runtime | None = None) -> dict[str, Any]:
 
     def save(tag: str, *, best: bool = False, metrics: dict[str, Any] | None = None) -> None:
         runtime.save_checkpoint(
-            checkpoint_payload(model, optimizer, scheduler, scaler, state, config, metrics or last_eval), tag,
+            training_checkpoint(model, optimizer, scheduler, scaler, state, config, metrics or last_eval), tag,
             best=best,
         )
 
