@@ -595,12 +595,10 @@ def render_samples(coco_gt: COCO, results: Sequence[dict], *, dataset: Any = Non
         return boxes * scale, labels, scores
 
     cells = []
-    from ssd_core.data.coco import UnreadableImageError
-
     for index, image_id in enumerate(image_ids[:count]):
         try:
             image = _load_sample_image(coco_gt, image_id, index, dataset, images_dir)
-        except (UnreadableImageError, FileNotFoundError) as exc:
+        except (FileNotFoundError, ValueError) as exc:  # ValueError: UnreadableImageError, ImageDecodeError
             log.warning("samples.png leaves out an unreadable image: %s", exc)
             continue
         info = coco_gt.imgs[image_id]
@@ -617,10 +615,12 @@ def render_samples(coco_gt: COCO, results: Sequence[dict], *, dataset: Any = Non
 
 
 def _load_sample_image(coco_gt: COCO, image_id: int, index: int, dataset: Any, images_dir: str | Path | None):
-    """The image as PIL RGB: from the dataset (without re-reading files) or from ``images_dir``."""
+    """The image as PIL RGB: from the dataset (without re-reading files) or from ``images_dir``, decoded
+    as everywhere else (``ssd_core.images.decode_image``)."""
     from PIL import Image
 
-    from ssd_core.storage import join_uri, open_uri
+    from ssd_core.images import decode_image
+    from ssd_core.storage import join_uri, read_bytes
 
     if dataset is not None:
         from ssd_core.visualize import to_pil
@@ -628,5 +628,8 @@ def _load_sample_image(coco_gt: COCO, image_id: int, index: int, dataset: Any, i
         # The file's pixels (no transforms) when the dataset can give them, so boxes need no rescaling.
         read_image = getattr(dataset, "read_image", None)
         return to_pil(read_image(index) if read_image is not None else dataset[index][0])
-    with open_uri(join_uri(str(images_dir), coco_gt.imgs[image_id]["file_name"]), "rb") as f:
-        return Image.open(f).convert("RGB")
+    path = join_uri(str(images_dir), coco_gt.imgs[image_id]["file_name"])
+    try:
+        return Image.fromarray(decode_image(read_bytes(path)))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
