@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import math
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -446,8 +447,9 @@ def evaluate_model(model: Any, dataset: Any, *, batch_size: int = 8, workers: in
 def write_report(metrics: dict[str, Any], output_dir: str | Path, *, results: Sequence[dict] | None = None,
                  dataset: Any = None, model: Any = None, sample_images: int = 8, show_gt: bool = False,
                  gt: str | Path | COCO | None = None, images_dir: str | Path | None = None,
-                 confusion_score: float = 0.25, confusion_iou: float = 0.5) -> Path:
-    """Write an evaluation report into ``output_dir``; returns the path of ``report.md``.
+                 confusion_score: float = 0.25, confusion_iou: float = 0.5) -> Path | str:
+    """Write an evaluation report into ``output_dir``, a folder or an s3:// prefix (the files are rendered
+    in a temporary folder, then uploaded); returns the location of ``report.md`` (a Path, or the URI).
 
     Files: ``metrics.json`` (the 12 metrics, per-class AP/AP50, counts, the confusion matrix),
     ``results.json`` (COCO results), ``pr_curves.png``, ``confusion.png`` (detections scoring at least
@@ -457,6 +459,15 @@ def write_report(metrics: dict[str, Any], output_dir: str | Path, *, results: Se
     detections from ``results`` (default ``metrics["results"]``), or from ``model`` when no results
     are given.
     """
+    from ssd_core import storage
+
+    if storage.is_s3(str(output_dir)):
+        with tempfile.TemporaryDirectory(prefix="ssd-report-") as local:
+            report = write_report(metrics, local, results=results, dataset=dataset, model=model,
+                                  sample_images=sample_images, show_gt=show_gt, gt=gt, images_dir=images_dir,
+                                  confusion_score=confusion_score, confusion_iou=confusion_iou)
+            storage.upload_files(local, sorted(p.name for p in Path(local).iterdir() if p.is_file()), output_dir)
+        return storage.join_uri(output_dir, report.name)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = list(results if results is not None else metrics.get("results") or [])
