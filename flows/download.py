@@ -8,6 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.tasks import exponential_backoff
 
+from ssd_core import storage
 from ssd_core.data import download
 
 
@@ -36,7 +37,7 @@ def extract_archive(archive_path: str, target: str) -> list[str]:
 @task(retries=4, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_jitter_factor=0.5,
       retry_condition_fn=is_transient)
 def upload_files(local_dir: str, files: list[str], output: str) -> int:
-    return download.upload_tree(local_dir, files, output)
+    return storage.upload_files(local_dir, files, output)
 
 
 @flow(name="download-coco", log_prints=True)

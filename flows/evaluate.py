@@ -1,14 +1,12 @@
 """`evaluate-ssd`: the COCO evaluation report of a checkpoint on a dataset (``ssd_core.evaluation``).
 
 Writes REPORT_DIR/metrics.json, results.json, report.md, pr_curves.png and samples.png (a local
-folder, or s3:// where the files are rendered locally first and then uploaded), and publishes the
-report as a markdown artifact and the 12 COCO metrics as a table artifact.
+folder or s3://, ``evaluation.write_report``), and publishes the report as a markdown artifact and the
+12 COCO metrics as a table artifact.
 """
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -32,20 +30,11 @@ def write_coco_report(weights: str, data: str, output: str, *, split: str = "val
     dataset = CocoDataset(data, split=split)
     metrics = evaluation.evaluate_model(model, dataset, batch_size=batch_size, workers=workers,
                                         max_images=max_images)
-    if storage.is_s3(output):
-        with tempfile.TemporaryDirectory(prefix="ssd-report-") as local:
-            report = evaluation.write_report(metrics, local, dataset=dataset, sample_images=samples)
-            fs, root = storage.filesystem_for(output)
-            files = sorted(p for p in Path(local).iterdir() if p.is_file())
-            fs.put([str(p) for p in files], [f"{root.rstrip('/')}/{p.name}" for p in files])
-            markdown = report.read_text()
-        report_uri = storage.join_uri(output, "report.md")
-    else:
-        report = evaluation.write_report(metrics, output, dataset=dataset, sample_images=samples)
-        markdown, report_uri = report.read_text(), str(report)
+    report = evaluation.write_report(metrics, output, dataset=dataset, sample_images=samples)
+    markdown = storage.read_bytes(report).decode()
     scalars = {name: metrics.get(name) for name in evaluation.METRIC_NAMES}
     return {**scalars, "num_images": metrics.get("num_images"), "num_detections": metrics.get("num_detections"),
-            "report": report_uri, "markdown": markdown}
+            "report": str(report), "markdown": markdown}
 
 
 @task(retries=0)

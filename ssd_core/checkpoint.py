@@ -9,13 +9,14 @@ scheduler, scaler, progress counters, RNG states and the resolved training confi
 from __future__ import annotations
 
 import io
+import pickle
 import random
 from typing import Any
 
 import numpy as np
 import torch
 
-from ssd_core.storage import atomic_write_bytes, exists, open_uri
+from ssd_core.storage import atomic_write_bytes, filesystem_for
 
 CHECKPOINT_VERSION = 1
 
@@ -32,13 +33,29 @@ def write_checkpoint(uri: str, payload: dict[str, Any]) -> None:
     atomic_write_bytes(uri, serialize(payload))
 
 
+def read_torch_file(uri: str, *, what: str = "checkpoint") -> Any:
+    """torch.load(weights_only=True) of a local path or any URI storage reads (s3:// with the environment's
+    endpoint, https://...), tensors on the CPU.
+
+    A missing file is a FileNotFoundError, an unreadable one (truncated, corrupted, not a torch file) a
+    ValueError; both name the file as ``what``."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = filesystem_for(uri)
+    try:
+        if isinstance(fs, LocalFileSystem):
+            return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {uri}") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{what} {uri} cannot be read ({first})") from None
+
+
 def read_checkpoint(uri: str) -> dict[str, Any]:
-    """torch.load(weights_only=True) of a local path or s3:// URI, tensors on the CPU."""
-    if not exists(uri):
-        raise FileNotFoundError(f"checkpoint not found: {uri}")
-    with open_uri(uri, "rb") as handle:
-        data = handle.read()
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    """One of our checkpoints (local path or s3:// URI), tensors on the CPU."""
+    return read_torch_file(uri, what="checkpoint")
 
 
 # -- RNG state as weights_only-safe values --------------------------------------------------------

@@ -373,21 +373,12 @@ def make_train_loader(
 ) -> DataLoader:
     """Loader of full batches (drop_last: BatchNorm and step counts need them) over an `EpochSampler`;
     its sampler is `loader.batch_sampler.sampler`."""
-    from torch.utils.data import BatchSampler
-
-    from ssd_core.data.loader import collate, seed_worker
+    from ssd_core.data.loader import make_loader
 
     sampler = EpochSampler(len(dataset), seed=seed, rank=rank, world_size=world_size)
-    extra: dict[str, Any] = {}
-    if workers > 0:
-        extra = {"persistent_workers": True, "prefetch_factor": 4, "worker_init_fn": seed_worker}
-    return DataLoader(
-        SeededSamples(dataset, strict=strict), batch_sampler=BatchSampler(sampler, batch_size, drop_last=True), num_workers=workers,
-        collate_fn=collate, pin_memory=torch.cuda.is_available(),
-        # Only worker base seeds come from this generator (augmentation is seeded per sample); owning it
-        # keeps the global RNG untouched by starting an epoch.
-        generator=torch.Generator().manual_seed(seed), **extra,
-    )
+    # Only worker base seeds come from the loader's generator: augmentation is seeded per sample.
+    return make_loader(SeededSamples(dataset, strict=strict), batch_size, workers=workers, seed=seed,
+                       drop_last=True, sampler=sampler)
 
 
 def epoch_sampler(loader: DataLoader) -> EpochSampler:
@@ -731,10 +722,11 @@ def prefetch_weights(config: TrainConfig) -> None:
         weights_file(config.weights_backbone, config.arch, backbone=True, progress=config.progress)
 
 
-def checkpoint_payload(
+def training_checkpoint(
     model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
     state: TrainState, config: TrainConfig, metrics: dict[str, Any] | None,
 ) -> dict[str, Any]:
+    """`zoo.checkpoint_payload` (the model alone) plus what resuming the run needs."""
     from ssd_core.zoo import checkpoint_payload as model_payload
 
     return {
@@ -834,7 +826,7 @@ def fit(config: TrainConfig, runtime: Runtime | None = None) -> dict[str, Any]:
 
     def save(tag: str, *, best: bool = False, metrics: dict[str, Any] | None = None) -> None:
         runtime.save_checkpoint(
-            checkpoint_payload(model, optimizer, scheduler, scaler, state, config, metrics or last_eval), tag,
+            training_checkpoint(model, optimizer, scheduler, scaler, state, config, metrics or last_eval), tag,
             best=best,
         )
 

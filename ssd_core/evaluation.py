@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import math
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -446,8 +447,9 @@ def evaluate_model(model: Any, dataset: Any, *, batch_size: int = 8, workers: in
 def write_report(metrics: dict[str, Any], output_dir: str | Path, *, results: Sequence[dict] | None = None,
                  dataset: Any = None, model: Any = None, sample_images: int = 8, show_gt: bool = False,
                  gt: str | Path | COCO | None = None, images_dir: str | Path | None = None,
-                 confusion_score: float = 0.25, confusion_iou: float = 0.5) -> Path:
-    """Write an evaluation report into ``output_dir``; returns the path of ``report.md``.
+                 confusion_score: float = 0.25, confusion_iou: float = 0.5) -> Path | str:
+    """Write an evaluation report into ``output_dir``, a folder or an s3:// prefix (the files are rendered
+    in a temporary folder, then uploaded); returns the location of ``report.md`` (a Path, or the URI).
 
     Files: ``metrics.json`` (the 12 metrics, per-class AP/AP50, counts, the confusion matrix),
     ``results.json`` (COCO results), ``pr_curves.png``, ``confusion.png`` (detections scoring at least
@@ -457,6 +459,15 @@ def write_report(metrics: dict[str, Any], output_dir: str | Path, *, results: Se
     detections from ``results`` (default ``metrics["results"]``), or from ``model`` when no results
     are given.
     """
+    from ssd_core import storage
+
+    if storage.is_s3(str(output_dir)):
+        with tempfile.TemporaryDirectory(prefix="ssd-report-") as local:
+            report = write_report(metrics, local, results=results, dataset=dataset, model=model,
+                                  sample_images=sample_images, show_gt=show_gt, gt=gt, images_dir=images_dir,
+                                  confusion_score=confusion_score, confusion_iou=confusion_iou)
+            storage.upload_files(local, sorted(p.name for p in Path(local).iterdir() if p.is_file()), output_dir)
+        return storage.join_uri(output_dir, report.name)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = list(results if results is not None else metrics.get("results") or [])
@@ -595,12 +606,10 @@ def render_samples(coco_gt: COCO, results: Sequence[dict], *, dataset: Any = Non
         return boxes * scale, labels, scores
 
     cells = []
-    from ssd_core.data.coco import UnreadableImageError
-
     for index, image_id in enumerate(image_ids[:count]):
         try:
             image = _load_sample_image(coco_gt, image_id, index, dataset, images_dir)
-        except (UnreadableImageError, FileNotFoundError) as exc:
+        except (FileNotFoundError, ValueError) as exc:  # ValueError: UnreadableImageError, ImageDecodeError
             log.warning("samples.png leaves out an unreadable image: %s", exc)
             continue
         info = coco_gt.imgs[image_id]
@@ -617,10 +626,12 @@ def render_samples(coco_gt: COCO, results: Sequence[dict], *, dataset: Any = Non
 
 
 def _load_sample_image(coco_gt: COCO, image_id: int, index: int, dataset: Any, images_dir: str | Path | None):
-    """The image as PIL RGB: from the dataset (without re-reading files) or from ``images_dir``."""
+    """The image as PIL RGB: from the dataset (without re-reading files) or from ``images_dir``, decoded
+    as everywhere else (``ssd_core.images.decode_image``)."""
     from PIL import Image
 
-    from ssd_core.storage import join_uri, open_uri
+    from ssd_core.images import decode_image
+    from ssd_core.storage import join_uri, read_bytes
 
     if dataset is not None:
         from ssd_core.visualize import to_pil
@@ -628,5 +639,8 @@ def _load_sample_image(coco_gt: COCO, image_id: int, index: int, dataset: Any, i
         # The file's pixels (no transforms) when the dataset can give them, so boxes need no rescaling.
         read_image = getattr(dataset, "read_image", None)
         return to_pil(read_image(index) if read_image is not None else dataset[index][0])
-    with open_uri(join_uri(str(images_dir), coco_gt.imgs[image_id]["file_name"]), "rb") as f:
-        return Image.open(f).convert("RGB")
+    path = join_uri(str(images_dir), coco_gt.imgs[image_id]["file_name"])
+    try:
+        return Image.fromarray(decode_image(read_bytes(path)))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None

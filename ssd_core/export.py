@@ -36,10 +36,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import nms
 
 from ssd_core.model import SSD
-from ssd_core.postprocess import PostProcessConfig, class_candidates, pool_candidates
+from ssd_core.postprocess import PostProcessConfig, class_candidates, grouped_nms, pool_candidates
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +100,14 @@ def padded_postprocess(
         top_scores, top_anchor, k, pool, bbox_regression, anchors, image_size, box_weights
     )
 
-    # One NMS for the whole batch: each (image, class) group in its own coordinate range.
+    # One NMS for the whole batch, within each (image, class) group.
     image_index = torch.arange(pool_scores.shape[0], device=pool_scores.device).unsqueeze(1)  # [B, 1]
     group = (image_index * num_classes + pool_label).flatten()  # [B*P]
     flat_boxes = boxes.flatten(0, 1)  # [B*P, 4]
     flat_scores = pool_scores.flatten()
     candidates = torch.nonzero(flat_scores > config.score_thresh).squeeze(1)  # [n]
-    offset = float(max(image_size) + 1)
-    shifted = flat_boxes[candidates] + (group[candidates] * offset).unsqueeze(1).to(flat_boxes.dtype)
-    keep = candidates[nms(shifted, flat_scores[candidates], config.nms_thresh)]
+    keep = candidates[grouped_nms(flat_boxes[candidates], flat_scores[candidates], group[candidates],
+                                  config.nms_thresh, image_size)]
 
     # Survivors keep their score, everything else drops below any real score; the per-image top D
     # of that is the padded result (already sorted best first).

@@ -12,9 +12,8 @@ way), but with no Python loop over images or classes:
    at deployment thresholds such as 0.3), step 1 keeps every box above it: those are gathered as a
    list and sorted per image instead of running top-k over every (image, class, box), the same
    candidates for a fraction of the work;
-3. NMS with each (image, class) group offset into its own coordinate range (torchvision's
-   coordinate trick) so that groups never suppress each other: one call for the batch on GPU, one
-   call per image on CPU, where the kernel's cost grows with (kept x candidates);
+3. NMS within each (image, class) group (`grouped_nms`, shared with `ssd_core.export`): one call for
+   the batch on GPU, one call per image on CPU, where the kernel's cost grows with (kept x candidates);
 4. per image keep the `detections_per_img` best.
 """
 
@@ -193,21 +192,13 @@ def _select(pool_scores, pool_label, pool_anchor, bbox_regression, anchors, imag
     valid = pool_scores > config.score_thresh  # [B, P]
     image_index = torch.arange(batch, device=device)[:, None].expand_as(pool_label)[valid]  # [n]
     flat_boxes, flat_scores, flat_labels = boxes[valid], pool_scores[valid], pool_label[valid]
-    # Each (image, class) group gets its own coordinate range, larger than any box.
     group = image_index * num_classes + flat_labels
-    offset = float(max(image_size) + 1)
-    shifted = flat_boxes + (group * offset)[:, None].to(flat_boxes)
-    if shifted.device.type == "cpu" and batch > 1 and not torch.jit.is_tracing():
+    segments = None
+    if device.type == "cpu" and batch > 1 and not torch.jit.is_tracing():
         # The CPU kernel compares every kept box with every later candidate, so one call over the
         # batch costs O(batch^2); one call per image (candidates are image-major) stays linear.
-        counts = valid.sum(dim=1).tolist()
-        starts = [0, *itertools.accumulate(counts)][:-1]
-        keep = torch.cat([
-            nms(part, part_scores, config.nms_thresh) + start
-            for part, part_scores, start in zip(shifted.split(counts), flat_scores.split(counts), starts)
-        ])
-    else:
-        keep = nms(shifted, flat_scores, config.nms_thresh)
+        segments = valid.sum(dim=1).tolist()
+    keep = grouped_nms(flat_boxes, flat_scores, group, config.nms_thresh, image_size, segments=segments)
 
     # keep is sorted by score; regroup per image (stable) and cap each image's count.
     kept_image = image_index[keep]
@@ -220,3 +211,24 @@ def _select(pool_scores, pool_label, pool_anchor, bbox_regression, anchors, imag
     keep, kept_image = keep[capped], kept_image[capped]
     counts = torch.bincount(kept_image, minlength=batch)
     return (flat_boxes[keep], flat_scores[keep], flat_labels[keep], counts, kept_image), kept_per_image
+
+
+def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float, image_size: tuple[int, int],
+                *, segments: list[int] | None = None) -> Tensor:
+    """NMS within each group only: indices into `boxes` [n, 4] (xyxy, inside `image_size` (H, W)) of the
+    kept boxes by descending score, for `scores` [n] and int64 `groups` [n].
+
+    Each group is moved into its own coordinate range, larger than any box (torchvision's
+    `batched_nms` trick), so that groups never suppress each other and one `nms` call does all of them;
+    traceable. `segments` (sizes of consecutive runs that share no group, e.g. one per image) runs one
+    call per run instead, indices image-major.
+    """
+    offset = float(max(image_size) + 1)
+    shifted = boxes + (groups * offset)[:, None].to(boxes)
+    if segments is None:
+        return nms(shifted, scores, iou_threshold)
+    starts = [0, *itertools.accumulate(segments)][:-1]
+    return torch.cat([
+        nms(part, part_scores, iou_threshold) + start
+        for part, part_scores, start in zip(shifted.split(segments), scores.split(segments), starts)
+    ])

@@ -208,17 +208,12 @@ def read_image(path: str | Path) -> np.ndarray:
     """uint8[H, W, 3] RGB of an image file or URL (s3://, https://), EXIF orientation applied
     (ValueError naming the file)."""
     from ssd_core.images import decode_image
+    from ssd_core.storage import read_bytes
 
-    if is_url(path):
-        from ssd_core.storage import open_uri
-
-        try:
-            with open_uri(str(path)) as handle:
-                data = handle.read()
-        except FileNotFoundError:
-            raise ValueError(f"cannot read image {path}: not found") from None
-    else:
-        data = Path(path).read_bytes()
+    try:
+        data = read_bytes(path)
+    except FileNotFoundError:
+        raise ValueError(f"cannot read image {path}: not found") from None
     try:
         return decode_image(data)
     except ValueError as exc:
@@ -250,13 +245,12 @@ def _save_image(image, path: Path) -> None:
 def _write_json(document: dict[str, Any], records_key: str, path: Path) -> None:
     """``document`` with one line per record of ``document[records_key]`` (greppable, diffable),
     written atomically."""
+    from ssd_core.storage import atomic_write_bytes
+
     header = json.dumps({k: v for k, v in document.items() if k != records_key}, indent=1)
     lines = ",\n".join("  " + json.dumps(record) for record in document[records_key])
     text = f'{header[:-2]},\n "{records_key}": [\n{lines}\n ]\n}}\n'
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_bytes(path, text.encode())
 
 
 def _model_info(model: SSD, weights: str | None) -> dict[str, Any]:
@@ -488,11 +482,7 @@ def predict(
             def output_for(relative: Path) -> Path:
                 return output / _annotated_name(relative)
     else:
-        files, root = list_image_files(input_path), input_path
-        if not files:
-            raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {input_path}")
-        if output.exists() and not output.is_dir():
-            raise ValueError(f"output {output} is a file; a folder input needs an output folder")
+        files, root = _folder_files(input_path, output), input_path
         if output.resolve() == input_path.resolve():
             raise ValueError(f"output {output} is the input folder; annotated images would overwrite the inputs")
         json_path = output / "detections.json"
@@ -500,12 +490,8 @@ def predict(
         def output_for(relative: Path) -> Path:
             return output / _annotated_name(relative)
 
-    records, written = predict_images(model, files, root, output_for, batch_size=batch_size,
-                                      progress=progress and kind == "folder", strict=kind == "image")
-    _write_json({**header, "images": records}, "images", json_path)
-    errors = sum("error" in r for r in records)
-    return PredictResult(kind, json_path, written, len(records) - errors, errors,
-                         sum(len(r.get("scores", ())) for r in records))
+    return _predict_files(model, kind, files, root, output_for, json_path, header, batch_size=batch_size,
+                          progress=progress)
 
 
 def _predict_url(model: SSD, source: str, kind: str, output: Path, header: dict[str, Any], *, batch_size: int,
@@ -535,16 +521,31 @@ def _predict_url(model: SSD, source: str, kind: str, output: Path, header: dict[
         single = output.suffix.lower() in IMAGE_EXTENSIONS
         json_path = output.with_suffix(".json") if single else output / "detections.json"
     else:
-        files, root = list_image_files(source), source
-        if not files:
-            raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {source}")
-        if output.exists() and not output.is_dir():
-            raise ValueError(f"output {output} is a file; a folder input needs an output folder")
+        files, root = _folder_files(source, output), source
         single, json_path = False, output / "detections.json"
 
     def output_for(relative: PurePosixPath) -> Path:
         return output if single else output / _annotated_name(Path(relative))
 
+    return _predict_files(model, kind, files, root, output_for, json_path, header, batch_size=batch_size,
+                          progress=progress)
+
+
+def _folder_files(folder: str | Path, output: Path) -> list[Path] | list[str]:
+    """The images under an input folder (ValueError when there are none, or when ``output`` is a file)."""
+    from ssd_core.images import IMAGE_EXTENSIONS
+
+    files = list_image_files(folder)
+    if not files:
+        raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {folder}")
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output {output} is a file; a folder input needs an output folder")
+    return files
+
+
+def _predict_files(model: SSD, kind: str, files: Sequence[str | Path], root: str | Path, output_for: Any,
+                   json_path: Path, header: dict[str, Any], *, batch_size: int, progress: bool) -> PredictResult:
+    """`predict_images` over an image or folder input, then its JSON file."""
     records, written = predict_images(model, files, root, output_for, batch_size=batch_size,
                                       progress=progress and kind == "folder", strict=kind == "image")
     _write_json({**header, "images": records}, "images", json_path)

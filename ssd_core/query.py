@@ -36,36 +36,17 @@ DETECTIONS_COLUMNS = (
 )
 
 
-def _dataset(output_uri: str, table: str, schema, storage_options: Mapping[str, Any] | None):
-    """pyarrow dataset of the committed files of OUTPUT/<table> (``ledger.table_files``: a compaction's
-    replaced files drop out the moment its images file exists) with run_id (string) from the Hive
-    partition; None if there are none."""
-    import pyarrow as pa
-    import pyarrow.dataset as pads
-
-    from ssd_core.bulk.ledger import table_files
-
-    files = table_files(output_uri, table, storage_options)
-    if not files:
-        return None
-    fs, root = storage.pyarrow_filesystem_for(storage.join_uri(output_uri, table), storage_options)
-    partitioning = pads.partitioning(pa.schema([("run_id", pa.string())]), flavor="hive")
-    full_schema = schema.insert(0, pa.field("run_id", pa.string()))
-    return pads.dataset(files, filesystem=fs, format="parquet", partitioning=partitioning,
-                        partition_base_dir=root, schema=full_schema)
-
-
 def connect(output_uri: str, storage_options: Mapping[str, Any] | None = None):
     """A DuckDB connection with the ``images`` and ``detections`` views over ``output_uri``."""
     import duckdb
     import pyarrow as pa
 
-    from ssd_core.bulk.ledger import detections_schema, images_schema
+    from ssd_core.bulk.ledger import detections_schema, open_table
 
-    images = _dataset(output_uri, "images", images_schema(), storage_options)
+    images = open_table(output_uri, "images", storage_options)
     if images is None:
         raise FileNotFoundError(f"no bulk-detection output under {output_uri} (expected {output_uri}/images/)")
-    detections = _dataset(output_uri, "detections", detections_schema(), storage_options)
+    detections = open_table(output_uri, "detections", storage_options)
     if detections is None:  # every block committed without a single box file cannot happen, but be safe
         detections = detections_schema().insert(0, pa.field("run_id", pa.string())).empty_table()
 

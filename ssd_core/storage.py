@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import IO, Any
 from urllib.parse import urlparse
 
@@ -26,6 +26,8 @@ __all__ = [
     "pyarrow_filesystem_for",
     "atomic_write_bytes",
     "open_uri",
+    "read_bytes",
+    "upload_files",
     "join_uri",
     "exists",
     "remove",
@@ -142,6 +144,27 @@ def open_uri(uri: str | os.PathLike, mode: str = "rb", storage_options: Mapping[
         if parent and not is_s3(os.fspath(uri)):
             fs.makedirs(parent, exist_ok=True)
     return fs.open(path, mode)
+
+
+def read_bytes(uri: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    """The whole content of a local file or URI (FileNotFoundError when there is none)."""
+    fs, path = filesystem_for(uri, storage_options)
+    return fs.cat_file(path)
+
+
+def upload_files(local_dir: str | os.PathLike, files: Iterable[str], output: str | os.PathLike,
+                 storage_options: Mapping[str, Any] | None = None) -> int:
+    """Copy ``files`` (paths relative to ``local_dir``) to the same relative paths under ``output``
+    (s3:// or a local folder); returns how many. s3fs uploads the list concurrently."""
+    files = list(files)
+    fs, root = filesystem_for(output, storage_options)
+    sources = [os.path.join(os.fspath(local_dir), name) for name in files]
+    targets = [f"{root.rstrip('/')}/{name}" for name in files]
+    if not is_s3(os.fspath(output)):
+        for target in targets:
+            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+    fs.put(sources, targets)
+    return len(files)
 
 
 def exists(uri: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> bool:

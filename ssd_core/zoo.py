@@ -3,9 +3,7 @@ and import of the weights users already have (ours, torchvision's, NVIDIA's)."""
 
 from __future__ import annotations
 
-import io
 import logging
-import pickle
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -142,23 +140,13 @@ def list_models() -> list[str]:
 
 
 def _load_state_file(path: str) -> Any:
-    """torch.load(weights_only=True) of a local path or any URI storage.open_uri reads (s3://...).
-
-    An unreadable file (truncated, corrupted, not a torch file) is a ValueError naming it."""
-    from ssd_core.storage import open_uri
+    """`checkpoint.read_torch_file` of a weights file (a ValueError says how to recover a cached download)."""
+    from ssd_core.checkpoint import read_torch_file
 
     try:
-        if "://" in str(path):
-            with open_uri(str(path), "rb") as f:
-                buffer = io.BytesIO(f.read())
-            return torch.load(buffer, map_location="cpu", weights_only=True)
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"weights file not found: {path}") from None
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"weights file {path} cannot be read ({first}); if it is a cached download, "
-                         "delete it to fetch it again") from None
+        return read_torch_file(str(path), what="weights file")
+    except ValueError as exc:
+        raise ValueError(f"{exc}; if it is a cached download, delete it to fetch it again") from None
 
 
 class _VGGFeatures(nn.Module):

@@ -175,7 +175,7 @@ def test_sniff_image():
 def test_prediction_and_bulk_see_the_same_pixels(tmp_path):
     """One decoder: `ssd predict`'s reader, bulk's read tasks and its actor-side JPEG path give the same
     uint8 RGB for the awkward cases (16-bit PNG, EXIF-rotated JPEG, palette PNG with transparency, CMYK)."""
-    from ssd_core.bulk.stages import apply_orientation, jpeg_header
+    from ssd_core.images import apply_orientation, jpeg_header
     from ssd_core.predict import read_image
 
     files = {name: good_images()[name] for name in ("gray16.png", "rotated.jpg", "palette.png", "cmyk.jpg")}

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from s3_server import moto_s3, s3_bucket  # noqa: F401
 
 from ssd_core import evaluation
 from ssd_core.cli import main as ssd_main
@@ -414,3 +415,21 @@ def test_cli_evaluates_torchvision_weights_given_their_arch(synthetic_root, tmp_
             assert detection["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=0.05)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["num_images"] == 2 and saved["confusion"]["classes"][-1] == "background"
+
+
+def test_report_to_s3_is_uploaded_whole(coco_files, tmp_path, s3_bucket, moto_s3):  # noqa: F811
+    """An s3:// report folder holds the same files as a local one (read back with boto3)."""
+    import boto3
+
+    _, gt_path, dt_path = coco_files
+    metrics = evaluation.coco_metrics(gt_path, dt_path)
+    results = evaluation.load_results(dt_path)
+    local = evaluation.write_report(metrics, tmp_path / "local", results=results, gt=gt_path, sample_images=0)
+    remote = evaluation.write_report(metrics, f"s3://{s3_bucket}/reports/r1", results=results, gt=gt_path,
+                                     sample_images=0)
+    assert remote == f"s3://{s3_bucket}/reports/r1/report.md"
+    client = boto3.client("s3", endpoint_url=moto_s3)
+    listed = client.list_objects_v2(Bucket=s3_bucket, Prefix="reports/r1/")["Contents"]
+    assert sorted(obj["Key"].rsplit("/", 1)[-1] for obj in listed) == sorted(p.name for p in local.parent.iterdir())
+    body = client.get_object(Bucket=s3_bucket, Key="reports/r1/report.md")["Body"].read().decode()
+    assert body == local.read_text()

@@ -118,3 +118,43 @@ def test_pyarrow_local_filesystem(tmp_path):
     fs, path = storage.pyarrow_filesystem_for(str(tmp_path))
     assert path == str(tmp_path)
     assert fs.get_file_info(path).type.name == "Directory"
+
+
+def test_upload_files_and_read_bytes_local_and_s3(tmp_path, moto_s3, s3_bucket):  # noqa: F811
+    source = tmp_path / "src"
+    (source / "a").mkdir(parents=True)
+    (source / "a" / "x.bin").write_bytes(b"x")
+    (source / "y.txt").write_bytes(b"yy")
+    names = ["a/x.bin", "y.txt"]
+    assert storage.upload_files(source, names, f"s3://{s3_bucket}/up") == 2
+    client = boto3.client("s3", endpoint_url=moto_s3)
+    assert client.get_object(Bucket=s3_bucket, Key="up/a/x.bin")["Body"].read() == b"x"
+    assert storage.read_bytes(f"s3://{s3_bucket}/up/y.txt") == b"yy"
+    assert storage.upload_files(source, names, tmp_path / "copy") == 2
+    assert (tmp_path / "copy" / "a" / "x.bin").read_bytes() == b"x"
+    assert storage.read_bytes(tmp_path / "copy" / "y.txt") == b"yy"
+    for missing in (f"s3://{s3_bucket}/up/none", tmp_path / "none"):
+        with pytest.raises(FileNotFoundError):
+            storage.read_bytes(missing)
+
+
+def test_torch_files_are_read_from_s3_through_storage(tmp_path, moto_s3, s3_bucket):  # noqa: F811
+    """Checkpoints and weights files share one reader: the env endpoint applies, errors name the file."""
+    import io
+
+    import torch
+
+    from ssd_core.checkpoint import read_checkpoint, read_torch_file, write_checkpoint
+
+    payload = {"weight": torch.arange(6.0).reshape(2, 3), "step": 3}
+    write_checkpoint(f"s3://{s3_bucket}/run/last.pt", payload)
+    body = boto3.client("s3", endpoint_url=moto_s3).get_object(Bucket=s3_bucket, Key="run/last.pt")["Body"]
+    independent = torch.load(io.BytesIO(body.read()), weights_only=True)  # boto3, not storage
+    for loaded in (read_checkpoint(f"s3://{s3_bucket}/run/last.pt"), read_torch_file(f"s3://{s3_bucket}/run/last.pt")):
+        assert loaded["step"] == independent["step"] == 3
+        assert torch.equal(loaded["weight"], independent["weight"])
+    with pytest.raises(FileNotFoundError, match=f"checkpoint not found: s3://{s3_bucket}/run/none.pt"):
+        read_checkpoint(f"s3://{s3_bucket}/run/none.pt")
+    storage.atomic_write_bytes(f"s3://{s3_bucket}/run/broken.pt", b"not a torch file")
+    with pytest.raises(ValueError, match=f"weights file s3://{s3_bucket}/run/broken.pt cannot be read"):
+        read_torch_file(f"s3://{s3_bucket}/run/broken.pt", what="weights file")

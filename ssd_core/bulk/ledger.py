@@ -43,6 +43,7 @@ __all__ = [
     "images_schema",
     "weights_digest",
     "block_id_of",
+    "open_table",
     "read_ledger",
     "empty_ledger",
     "committed_images_files",
@@ -126,25 +127,27 @@ def block_id_of(image_uris, etags, weights_digest: str) -> str:
 # -------------------------------------------------------------------------------------- reading
 
 
-def _dataset(output_uri: str, table: str, storage_options: Mapping[str, Any] | None):
-    """pyarrow dataset over OUTPUT/<table> (Hive partitions), or None if nothing is there yet."""
+def open_table(output_uri: str, table: str, storage_options: Mapping[str, Any] | None = None):
+    """pyarrow dataset of the committed files of OUTPUT/<table> (``images`` or ``detections``; see
+    ``table_files``) with ``run_id`` (string) from the Hive partition; None if there are none."""
+    import pyarrow as pa
     import pyarrow.dataset as pads
 
-    fs, root = storage.pyarrow_filesystem_for(storage.join_uri(output_uri, table), storage_options)
-    try:
-        return pads.dataset(
-            root, filesystem=fs, format="parquet", partitioning="hive", exclude_invalid_files=False,
-            ignore_prefixes=[".", "_"],
-        )
-    except FileNotFoundError:
+    files = table_files(output_uri, table, storage_options)
+    if not files:
         return None
+    fs, root = storage.pyarrow_filesystem_for(storage.join_uri(output_uri, table), storage_options)
+    schema = images_schema() if table == "images" else detections_schema()
+    partitioning = pads.partitioning(pa.schema([("run_id", pa.string())]), flavor="hive")
+    return pads.dataset(files, filesystem=fs, format="parquet", partitioning=partitioning,
+                        partition_base_dir=root, schema=schema.insert(0, pa.field("run_id", pa.string())))
 
 
 def read_ledger(output_uri: str, storage_options: Mapping[str, Any] | None = None, columns=None):
     """Committed ``images/`` rows (every images file is a commit), or an empty table."""
 
-    dataset = _dataset(output_uri, "images", storage_options)
-    if dataset is None or not dataset.files:
+    dataset = open_table(output_uri, "images", storage_options)
+    if dataset is None:
         return empty_ledger(columns)
     return dataset.to_table(columns=columns)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
-import io
 import json
 import warnings
 from collections.abc import Mapping
@@ -19,7 +18,14 @@ import numpy as np
 
 from ssd_core import storage
 from ssd_core.bulk.ledger import block_id_of, commit_block, detections_schema, images_schema
-from ssd_core.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, sniff_image
+from ssd_core.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    apply_orientation,
+    decode_image,
+    jpeg_header,
+    sniff_image,
+)
 
 __all__ = ["DetectConfig", "build_detector", "PreprocessSpec", "read_and_preprocess", "Detector", "write_block", "block_summary"]
 
@@ -170,48 +176,6 @@ def read_and_preprocess(listing, *, config: DetectConfig) -> dict[str, np.ndarra
         columns["encoded"] = np.array(encoded, dtype=object)
         columns["orientation"] = np.asarray(orientations, dtype=np.int8)
     return columns
-
-
-def jpeg_header(data: bytes, max_pixels: int) -> tuple[tuple[int, int], int] | None:
-    """((height, width) as displayed, EXIF orientation) of a JPEG that nvjpeg and torchvision decode as
-    ``decode_image`` would (baseline or progressive, RGB or grayscale, within ``max_pixels``); None for
-    anything else, which then takes the PIL path (CMYK, MPO, other formats, broken headers)."""
-    from PIL import Image
-
-    if sniff_image(data[:16]) != "jpeg" or not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        return None  # not a JPEG, or truncated (no end-of-image marker): PIL reports it as decode_image does
-    try:
-        with Image.open(io.BytesIO(data)) as image:  # the header only; nothing decoded
-            if image.format != "JPEG" or image.mode not in ("RGB", "L"):
-                return None
-            width, height = image.size
-            orientation = int(image.getexif().get(0x0112, 1) or 1)
-    except Exception:  # noqa: BLE001 - whatever PIL raises on a broken header, decode_image reports it
-        return None
-    if width * height > max_pixels or orientation not in range(1, 9):
-        return None
-    return ((width, height) if orientation >= 5 else (height, width)), orientation
-
-
-def apply_orientation(image, orientation: int):
-    """uint8[C, H, W] as stored -> as displayed, for EXIF orientation 1..8 (PIL's ``exif_transpose``)."""
-    import torch
-
-    if orientation == 2:
-        return image.flip(-1)
-    if orientation == 3:
-        return image.flip(-2, -1)
-    if orientation == 4:
-        return image.flip(-2)
-    if orientation == 5:
-        return image.transpose(-2, -1)
-    if orientation == 6:
-        return torch.rot90(image, -1, dims=(-2, -1))
-    if orientation == 7:
-        return image.transpose(-2, -1).flip(-2, -1)
-    if orientation == 8:
-        return torch.rot90(image, 1, dims=(-2, -1))
-    return image
 
 
 def _read_error_message(exc: BaseException) -> str:

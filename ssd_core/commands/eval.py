@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     files_group.add_argument("--results", metavar="DT.json", help="COCO detection results JSON")
     files_group.add_argument("--images", metavar="DIR", help="image folder (default: guessed from the annotations "
                              "path DIR/annotations/instances_SPLIT.json -> DIR/SPLIT)")
-    parser.add_argument("--output", required=True, metavar="REPORT_DIR", help="report directory")
+    parser.add_argument("--output", required=True, metavar="REPORT_DIR", help="report directory or s3:// prefix")
     parser.add_argument("--samples", type=int, default=8, metavar="N", help="images in samples.png (0: none)")
     parser.add_argument("--show-gt", action="store_true", help="draw ground truth beside the predictions")
     parser.add_argument("--confusion-score", type=float, default=0.25, metavar="T",

@@ -158,33 +158,6 @@ def split_paths(root: str, split: str, storage_options: dict[str, Any] | None = 
     raise FileNotFoundError(f"{root}: annotation file not found for split {split!r} (neither {tried})")
 
 
-def _decode_image(data: bytes, source: str, image_id: int) -> torch.Tensor:
-    """Decode to uint8 [3, H, W] RGB with EXIF orientation applied (torchvision, PIL as fallback)."""
-    from torchvision.io import ImageReadMode, decode_image
-
-    try:
-        image = decode_image(
-            torch.frombuffer(bytearray(data), dtype=torch.uint8),
-            mode=ImageReadMode.RGB,
-            apply_exif_orientation=True,
-        )
-        if image.dtype != torch.uint8:  # 16-bit PNGs
-            from torchvision.transforms.v2.functional import to_dtype
-
-            image = to_dtype(image, torch.uint8, scale=True)
-        return image
-    except (RuntimeError, ValueError):
-        pass  # formats torchvision cannot decode (BMP, TIFF, ...) go through PIL
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as opened:
-            pil_image = ImageOps.exif_transpose(opened).convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ValueError(f"{source}: cannot decode image id {image_id}: {exc}") from None
-    return torch.from_numpy(np.asarray(pil_image).copy()).permute(2, 0, 1).contiguous()
-
-
 class CocoDataset(torch.utils.data.Dataset):
     """A COCO-format split as a map-style dataset.
 
@@ -274,8 +247,10 @@ class CocoDataset(torch.utils.data.Dataset):
         return f"{self.image_folder}/{self._file_names[index]}"
 
     def read_image(self, index: int) -> torch.Tensor:
-        """uint8 [3, H, W] RGB of image `index`, EXIF orientation applied; UnreadableImageError when the
-        file is missing, cannot be read or cannot be decoded."""
+        """uint8 [3, H, W] RGB of image `index` (a view of [H, W, 3] memory, as torchvision's decoders give)
+        from ``ssd_core.images.decode_image``; UnreadableImageError when the file is missing, cannot be read or cannot be decoded."""
+        from ssd_core.images import decode_image
+
         path, image_id = self.image_path(index), self.image_ids[index]
         try:
             data = self.fs.cat_file(path)
@@ -284,9 +259,10 @@ class CocoDataset(torch.utils.data.Dataset):
         except OSError as exc:
             raise UnreadableImageError(f"{path}: cannot read image id {image_id}: {exc}") from None
         try:
-            return _decode_image(data, path, image_id)
+            pixels = decode_image(data)
         except ValueError as exc:
-            raise UnreadableImageError(str(exc)) from None
+            raise UnreadableImageError(f"{path}: cannot decode image id {image_id}: {exc}") from None
+        return torch.from_numpy(pixels).permute(2, 0, 1)
 
     # --- dataset -----------------------------------------------------------------------------
 

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ssd_core import storage
+
 log = logging.getLogger(__name__)
 
 COCO_BASE_URL = "http://images.cocodataset.org"
@@ -243,15 +245,11 @@ def coco_layout(entry: str) -> str | None:
 
 
 def marker_uri(output: str, archive: RemoteArchive) -> str:
-    from ssd_core import storage
-
     return storage.join_uri(output, MARKER_DIR, archive.name + ".json")
 
 
 def read_marker(output: str, archive: RemoteArchive) -> dict[str, Any] | None:
     """The completion marker of ``archive`` under ``output``, or None if it was not finished there."""
-    from ssd_core import storage
-
     uri = marker_uri(output, archive)
     if not storage.exists(uri):
         return None
@@ -260,23 +258,9 @@ def read_marker(output: str, archive: RemoteArchive) -> dict[str, Any] | None:
 
 
 def write_marker(output: str, archive: RemoteArchive, record: dict[str, Any]) -> str:
-    from ssd_core import storage
-
     uri = marker_uri(output, archive)
     storage.atomic_write_bytes(uri, json.dumps(record, indent=1).encode())
     return uri
-
-
-def upload_tree(local_dir: str | os.PathLike, files: Iterable[str], output: str) -> int:
-    """Copy ``files`` (relative to ``local_dir``) to the same relative paths under ``output`` (s3://)."""
-    from ssd_core import storage
-
-    files = list(files)
-    fs, root = storage.filesystem_for(output)
-    sources = [str(Path(local_dir) / name) for name in files]
-    targets = [f"{root.rstrip('/')}/{name}" for name in files]
-    fs.put(sources, targets)  # s3fs uploads the list concurrently
-    return len(files)
 
 
 # --------------------------------------------------------------------------- the job
@@ -319,7 +303,7 @@ def download_coco(
     staging_dir: str | None = None, keep_archives: bool = False,
     fetch: Callable[[str, RemoteArchive, str], dict[str, Any]] = retrying(fetch_archive),
     extract: Callable[[str, str], list[str]] = extract_coco_archive,
-    upload: Callable[[str, list[str], str], int] = retrying(upload_tree),
+    upload: Callable[[str, list[str], str], int] = retrying(storage.upload_files),
     info: Callable[..., None] = log.info,
 ) -> str:
     """Download COCO 2017 ``splits`` and the instance annotations into ``output`` (folder or s3://).
@@ -329,8 +313,6 @@ def download_coco(
     With a ``base_url`` other than the official one (a mirror, a test server) the known COCO sizes and
     MD5s are not applied: the size comes from Content-Length and the SHA-256 is recorded.
     """
-    from ssd_core import storage
-
     splits = list(splits)
     unknown = set(splits) - {"train", "val"}
     if unknown or not splits:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 def collate(
@@ -31,17 +31,20 @@ def make_loader(
     dataset: Dataset,
     batch_size: int,
     *,
-    shuffle: bool,
+    shuffle: bool = False,
     workers: int,
     seed: int,
     drop_last: bool = False,
     prefetch_factor: int = 4,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
     """A DataLoader whose order and augmentation are a function of (`seed`, `workers`).
 
     Shuffling draws from a `torch.Generator` seeded with `seed`; DataLoader derives each worker's
     torch seed from the same generator, and `seed_worker` extends it to `random` and NumPy. With
     `workers=0` augmentation runs in this process on its global RNG (seed it with torch.manual_seed).
+    A `sampler` (instead of `shuffle`) gives the order; batches of it are `loader.batch_sampler`.
+    The generator is the loader's own, so starting an epoch leaves the global RNG untouched.
     """
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -56,6 +59,7 @@ def make_loader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         num_workers=workers,
         collate_fn=collate,
         generator=generator,
