@@ -112,3 +112,15 @@ def optimize_for_inference(model: SSD, precision: str | None = None, device: tor
     optimized.inference_optimized = True
     object.__setattr__(optimized, "source_model", model)  # not a submodule: never saved
     return optimized
+
+
+def compile_network(model: SSD, **options) -> SSD:
+    """``model`` (an `optimize_for_inference` copy) with its backbone and head run through `torch.compile`
+    (in place; ``options`` go to it). Pre- and post-processing stay eager: their shapes follow the inputs
+    and the detections. The first call compiles (tens of seconds on a GPU); a new batch shape compiles
+    again."""
+    if not getattr(model, "inference_optimized", False):
+        raise ValueError("compile_network takes an optimize_for_inference copy, not the trainable model")
+    model.backbone = torch.compile(model.backbone, **options)
+    model.head = torch.compile(model.head, **options)
+    return model
