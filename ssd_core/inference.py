@@ -5,6 +5,7 @@ For bf16/fp16 the copy has BatchNorm folded into the convolution before it, each
 fused into the convolution before it (one oneDNN call on CPU), and its weights cast once in channels_last
 instead of autocast recasting all of them on every call; in fp32 it is the plain network in eval mode. Its outputs follow the plain
 model's (fp32: within float rounding; bf16: no further from fp32 than autocast, see tests/test_inference.py).
+`compile_network` puts such a copy's network through torch.compile (a GPU node's check times it).
 """
 
 from __future__ import annotations
