@@ -73,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, least in (("batch_size", 1), ("train_batch_size", 2), ("repeats", 1), ("warmup", 0)):
+        if getattr(args, name) is not None and getattr(args, name) < least:  # BatchNorm trains on 2 or more
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     import torch
 
     with warnings.catch_warnings():  # an old driver's warning is not the one line this prints
@@ -88,6 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in (GPU_DEFAULTS if device.type == "cuda" else DRY_RUN_DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    from ssd_core.bench import TORCHVISION_ARCHS
+    from ssd_core.zoo import list_models
+
+    for arch in [*args.archs.split(","), args.train_arch]:  # side by side with torchvision's own
+        if arch.strip() not in TORCHVISION_ARCHS:
+            parser.error(f"--archs/--train-arch: {arch!r} is none of torchvision's {', '.join(TORCHVISION_ARCHS)}")
+    if args.bulk_arch not in list_models():
+        parser.error(f"--bulk-arch: {args.bulk_arch!r} is none of {', '.join(list_models())}")
     report = run_checks(args, device)
     print(format_report(report))
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -104,12 +116,14 @@ def run_checks(args: argparse.Namespace, device) -> dict[str, Any]:
 
     started = time.perf_counter()
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        if device.index is not None:
+            torch.cuda.set_device(device)  # cuda:N; plain "cuda" is the current device already
         torch.backends.cudnn.benchmark = True  # fixed shapes: the autotuned kernels, found in the warm-up
     compile_network = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     shape = dict(height=args.height, width=args.width, repeats=args.repeats, warmup=args.warmup, device=device)
     rows: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
+    notes: list[str] = []
 
     def measure(section: str, arch: str, batch_size: int, function) -> dict[str, Any] | None:
         _progress(started, f"{section} {arch} batch {batch_size}")
@@ -130,11 +144,12 @@ def run_checks(args: argparse.Namespace, device) -> dict[str, Any]:
         except (RuntimeError, ValueError) as exc:
             if not compile_network:
                 raise
-            # torch.compile failing here (no Triton, no C compiler...) loses only its own row.
-            errors.append({"section": "inference", "arch": arch, "error": f"with torch.compile: {_first_line(exc)}"})
+            # torch.compile failing here (an image without a C compiler for Triton, say) loses only its row:
+            # where it cannot run, it does not help.
+            notes.append(f"inference {arch}: without torch.compile, which failed: {_first_line(exc)}")
             return bench_infer(arch, batch_size=args.batch_size, compile=False, postprocess=False, **shape)
 
-    for arch in [a.strip() for a in args.archs.split(",") if a.strip()]:
+    for arch in [a.strip() for a in args.archs.split(",")]:
         measure("inference", arch, args.batch_size, lambda arch=arch: infer(arch))
     measure("training", args.train_arch, args.train_batch_size, lambda: bench_train(
         args.train_arch, batch_size=args.train_batch_size, **shape))
@@ -149,6 +164,7 @@ def run_checks(args: argparse.Namespace, device) -> dict[str, Any]:
         "bulk": {key: value for key, value in (bulk or {}).items() if key != "rows"},
         "goals": _goals(device, rows, args),
         "errors": errors,
+        "notes": notes,
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -291,6 +307,7 @@ def format_report(report: dict[str, Any]) -> str:
         value = "n/a" if goal["images_per_s"] is None else f"{goal['images_per_s']:.1f}"
         verdict = {True: "MET", False: "NOT MET", None: "not judged (goals are for an A100-class GPU)"}[goal["met"]]
         lines.append(f"goal {goal['what']}: {value} img/s, goal >= {goal['goal']:,.0f}: {verdict}; {goal['reference']}")
+    lines += [f"note: {note}" for note in report["notes"]]
     for error in report["errors"]:
         lines.append(f"FAILED {error['section']} {error['arch']}: {error['error']}")
     lines.append(f"# {report['seconds']:.0f} s in all")

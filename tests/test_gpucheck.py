@@ -119,7 +119,7 @@ def test_dry_run_on_the_stock_image_package_set(tmp_path):
     assert not set(imports["imported"]) & blocked
 
     figures = json.loads(out.read_text())
-    assert figures["errors"] == [] and figures["device"]["device"] == "cpu"
+    assert figures["errors"] == [] and figures["notes"] == [] and figures["device"]["device"] == "cpu"
     assert figures["settings"]["archs"] == ARCH and figures["settings"]["compile"] is False
     auto = resolve_precision("auto", "cpu")
     amp = auto if auto != "fp32" else "bf16"
