@@ -266,11 +266,12 @@ def _goals(device, rows: list[dict[str, Any]], args: argparse.Namespace) -> list
         return found[0] if found else None
 
     judged = device.type == "cuda"
+    alone = figure("bulk", "network alone")
     goals = [
         {"what": f"bulk, {args.bulk_arch}, JPEG bytes -> detections (actor batch of {args.batch_size})",
          "images_per_s": figure("bulk", "actor batch"), "goal": BULK_GOAL,
          "reference": f"NVIDIA SSD300 network alone: {NVIDIA_MODEL_ONLY:,.0f} img/s (batch 64, AMP, A100); "
-                      f"ours alone: {figure('bulk', 'network alone')} img/s"},
+                      f"ours alone: {'n/a' if alone is None else f'{alone:.1f}'} img/s"},
         {"what": f"training step, {args.train_arch}, ssd_core auto (batch {args.train_batch_size})",
          "images_per_s": figure("training", "ssd_core_auto"), "goal": TRAIN_GOAL,
          "reference": "NVIDIA SSD300 training: 724 img/s per A100"},
