@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(abspath $(STATE))/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup test test-fast lint demo eval server worker deploy lock clean
+.PHONY: setup test test-fast lint demo eval server worker deploy lock clean gpu-check
 
 setup: $(STAMP)
 
@@ -39,6 +39,14 @@ lock: setup
 
 clean:
 	rm -rf $(VENV) $(STATE) .pytest_cache
+
+# A GPU node measured before anything is deployed to it (docs/gpu.md): the stock CUDA PyTorch image's own
+# python3 with the source on PYTHONPATH, no venv and no setup. GPU_CHECK_ARGS="--device cpu": the CPU dry run.
+GPU_CHECK_PYTHON ?= python3
+GPU_CHECK_JSON ?= $(STATE)/gpu-check.json
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@PYTHONPATH="$(CURDIR)" $(GPU_CHECK_PYTHON) -m ssd_core.gpucheck --json "$(GPU_CHECK_JSON)" $(GPU_CHECK_ARGS)
 
 # ---- Prefect: the demo, the report, and a local server + process worker for the deployments
 PREFECT_PORT ?= 4200

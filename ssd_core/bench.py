@@ -1,8 +1,9 @@
-"""Side-by-side benchmarks against torchvision's implementation of the same architecture.
+"""Side-by-side benchmarks against torchvision's implementation of the same architecture, on the CPU
+or a CUDA device.
 
 Every figure is measured in one process, on the same inputs and thread count, with the variants
 run in alternating repetitions so that drift in machine load hits them alike; we report medians
-and ratios, never a single timing.
+and ratios, never a single timing. On a GPU each timed call ends with a device synchronisation.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from typing import Any
 import torch
 
 from ssd_core.allocator import tune_allocator
-from ssd_core.inference import optimize_for_inference
+from ssd_core.inference import compile_network, optimize_for_inference
 from ssd_core.postprocess import postprocess
-from ssd_core.precision import resolve_precision
+from ssd_core.precision import autocast, resolve_precision
 
 # torchvision builders for the architectures it also implements.
 TORCHVISION_ARCHS = {
@@ -28,7 +29,7 @@ TORCHVISION_ARCHS = {
 }
 
 
-def _torchvision_pair(arch: str, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+def torchvision_pair(arch: str, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
     """torchvision's model with random weights and ours loaded from its state_dict."""
     import torchvision
 
@@ -55,36 +56,74 @@ def _torchvision_pair(arch: str, seed: int = 0) -> tuple[torch.nn.Module, torch.
     return reference, ours
 
 
-def _images(batch_size: int, height: int = 480, width: int = 640, seed: int = 0) -> list[torch.Tensor]:
+def _images(batch_size: int, height: int = 480, width: int = 640, seed: int = 0,
+            device: torch.device | None = None) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.rand(3, height, width, generator=g) for _ in range(batch_size)]
+    return [torch.rand(3, height, width, generator=g).to(device) for _ in range(batch_size)]
 
 
-def _targets(batch_size: int, height: int = 480, width: int = 640, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+def _targets(batch_size: int, height: int = 480, width: int = 640, seed: int = 0,
+             device: torch.device | None = None) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed + 1)
     out = []
     for _ in range(batch_size):
         xy = torch.rand(4, 2, generator=g) * torch.tensor([width * 0.6, height * 0.6])
         wh = 20 + torch.rand(4, 2, generator=g) * torch.tensor([width * 0.35, height * 0.35])
-        out.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(1, 91, (4,), generator=g)})
+        out.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
+                    "labels": torch.randint(1, 91, (4,), generator=g).to(device)})
     return out
 
 
-def alternate(variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each variant, interleaved: v1, v2, ..., v1, v2, ..."""
+def synthetic_jpegs(count: int, *, height: int = 480, width: int = 640, seed: int = 0) -> list[bytes]:
+    """`count` synthetic JPEGs (coloured rectangles on a gradient, quality 90), deterministic."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+    out = []
+    for _ in range(count):
+        base = (ramp * rng.uniform(0.2, 1.0, 3)[None, None, :]).repeat(height, axis=0).astype(np.uint8)
+        image = Image.fromarray(base)
+        draw = ImageDraw.Draw(image)
+        for _ in range(4):
+            x, y = rng.integers(0, width - 80), rng.integers(0, height - 80)
+            w, h = rng.integers(30, 200, 2)
+            draw.rectangle([x, y, x + w, y + h], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def synchronizer(device: torch.device | str) -> Callable[[], None] | None:
+    """What ends a timed call on ``device``: waiting for its queued kernels (CUDA), nothing on the CPU."""
+    device = torch.device(device)
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+
+
+def alternate(variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+              synchronize: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each variant, interleaved: v1, v2, ..., v1, v2, ...; ``synchronize`` (see
+    `synchronizer`) runs inside each timed call, after the variant."""
+    sync = synchronize or (lambda: None)
     for fn in variants.values():
         for _ in range(warmup):
             fn()
+        sync()
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - start)
     return times
 
 
-def _summarise(times: dict[str, list[float]], images_per_call: int, anchor: str) -> list[dict[str, Any]]:
+def summarise(times: dict[str, list[float]], images_per_call: int, anchor: str) -> list[dict[str, Any]]:
     base = statistics.median(times[anchor])
     rows = []
     for name, samples in times.items():
@@ -99,48 +138,53 @@ def _summarise(times: dict[str, list[float]], images_per_call: int, anchor: str)
     return rows
 
 
-def bench_infer(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int = 480, width: int = 640) -> dict[str, Any]:
-    """End-to-end eval forward (resize, network, post-processing) of torchvision fp32, torchvision
-    under bf16 autocast + channels_last, ours fp32 and ours with precision="auto"; plus
-    post-processing alone on the same head outputs. Both sides run with the malloc settings bulk
-    detection uses (`ssd_core.allocator`)."""
+def _autocast_precision(auto: str) -> str:
+    """What torchvision's model gets autocast to beside our ``auto``: the same, or bf16 where auto is fp32
+    (a CPU without fast bf16, where torchvision's bf16 autocast is still the figure to compare with)."""
+    return auto if auto != "fp32" else "bf16"
+
+
+def bench_infer(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int = 480, width: int = 640,
+                device: torch.device | str = "cpu", compile: bool = False, postprocess: bool = True,
+                warmup: int = 1) -> dict[str, Any]:
+    """End-to-end eval forward (resize, network, post-processing) on ``device`` of torchvision fp32,
+    torchvision under bf16/fp16 autocast + channels_last, ours fp32 and ours with precision="auto"
+    (`optimize_for_inference`); with ``compile`` also that copy with its network compiled
+    (`compile_network`; warm-up calls compile it). With ``postprocess``, post-processing alone on the same
+    head outputs too. Both sides run with the malloc settings bulk detection uses (`ssd_core.allocator`)."""
     tune_allocator()
-    reference, ours = _torchvision_pair(arch)
-    reference.eval()
-    ours.eval()
-    images = _images(batch_size, height, width)
-    auto = resolve_precision("auto", "cpu")
-    ours_auto = optimize_for_inference(ours, "auto")
-    reference_bf16 = _clone_channels_last(reference)
+    device = torch.device(device)
+    reference, ours = torchvision_pair(arch)
+    reference.eval().to(device)
+    ours.eval().to(device)
+    images = _images(batch_size, height, width, device=device)
+    auto = resolve_precision("auto", device)
+    amp = _autocast_precision(auto)
+    ours_auto = optimize_for_inference(ours, "auto", device)
+    reference_amp = _clone_channels_last(reference)
 
-    def tv_fp32():
-        with torch.inference_mode():
-            reference(images)
+    def run(model, precision: str = "fp32"):
+        def call():
+            with torch.inference_mode(), autocast(precision, device):
+                model(images)
+        return call
 
-    def tv_autocast():
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            reference_bf16(images)
-
-    def ours_fp32():
-        with torch.inference_mode():
-            ours(images)
-
-    def ours_auto_fn():
-        with torch.inference_mode():
-            ours_auto(images)
-
-    variants = {"torchvision_fp32": tv_fp32, "torchvision_bf16_autocast": tv_autocast,
-                "ssd_core_fp32": ours_fp32, f"ssd_core_auto({auto})": ours_auto_fn}
-    times = alternate(variants, repeats)
-    rows = _summarise(times, batch_size, "torchvision_fp32")
-    auto_median = statistics.median(times[f"ssd_core_auto({auto})"])
+    auto_name = f"ssd_core_auto({auto})"
+    variants = {"torchvision_fp32": run(reference), f"torchvision_{amp}_autocast": run(reference_amp, amp),
+                "ssd_core_fp32": run(ours), auto_name: run(ours_auto)}
+    if compile:
+        variants[f"{auto_name}+compile"] = run(compile_network(optimize_for_inference(ours, "auto", device)))
+    times = alternate(variants, repeats, warmup=warmup, synchronize=synchronizer(device))
+    rows = summarise(times, batch_size, "torchvision_fp32")
+    auto_median = statistics.median(times[auto_name])
     result = {
         "arch": arch, "batch_size": batch_size, "image_size": [height, width], "threads": torch.get_num_threads(),
-        "rows": rows,
+        "device": str(device), "precision": auto, "rows": rows,
         "ratio_auto_vs_torchvision_fp32": statistics.median(times["torchvision_fp32"]) / auto_median,
-        "ratio_auto_vs_torchvision_autocast": statistics.median(times["torchvision_bf16_autocast"]) / auto_median,
+        "ratio_auto_vs_torchvision_autocast": statistics.median(times[f"torchvision_{amp}_autocast"]) / auto_median,
     }
-    result["postprocess"] = bench_postprocess(reference, ours, images, repeats=max(repeats, 5))
+    if postprocess:
+        result["postprocess"] = bench_postprocess(reference, ours, images, repeats=max(repeats, 5))
     return result
 
 
@@ -163,35 +207,49 @@ def bench_postprocess(reference, ours, images, *, repeats: int = 5) -> dict[str,
             postprocess(head["cls_logits"], head["bbox_regression"], anchors, ours.size, original,
                         ours.postprocess_config, ours.box_weights)
 
-    times = alternate({"torchvision": tv, "ssd_core": mine}, repeats)
-    return {"rows": _summarise(times, len(images), "torchvision"),
+    times = alternate({"torchvision": tv, "ssd_core": mine}, repeats, synchronize=synchronizer(batch.device))
+    return {"rows": summarise(times, len(images), "torchvision"),
             "ratio": statistics.median(times["torchvision"]) / statistics.median(times["ssd_core"])}
 
 
-def bench_train(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int = 480, width: int = 640) -> dict[str, Any]:
-    """One SGD step (forward, loss, backward, update) of torchvision fp32 vs ours fp32 and auto."""
-    reference, ours = _torchvision_pair(arch)
+def bench_train(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int = 480, width: int = 640,
+                device: torch.device | str = "cpu", warmup: int = 1) -> dict[str, Any]:
+    """One SGD step (forward, loss, backward, update) on ``device`` of torchvision fp32 (on a GPU also under
+    bf16/fp16 autocast + channels_last, as its reference scripts train with --amp) vs ours fp32 and "auto"
+    (the plain network in its precision, as training runs it). fp16 steps go through a GradScaler, as in
+    training."""
+    device = torch.device(device)
+    reference, ours = torchvision_pair(arch)
+    auto = resolve_precision("auto", device)
+    amp = _autocast_precision(auto)
     ours_auto = _clone_with_precision(ours, "auto")  # trained: the plain network
-    images, targets = _images(batch_size, height, width), _targets(batch_size, height, width)
+    images, targets = _images(batch_size, height, width, device=device), _targets(batch_size, height, width, device=device)
 
-    def stepper(model):
-        model.train()
+    def stepper(model, autocast_precision: str = "fp32", precision: str = "fp32"):
+        model.to(device).train()
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
+        scaler = torch.amp.GradScaler(device.type, enabled="fp16" in (autocast_precision, precision))
 
         def step():
-            losses = model(images, targets)
+            with autocast(autocast_precision, device):
+                losses = model(images, targets)
             loss = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         return step
 
-    auto = resolve_precision("auto", "cpu")
-    times = alternate({"torchvision_fp32": stepper(reference), "ssd_core_fp32": stepper(ours),
-                       f"ssd_core_auto({auto})": stepper(ours_auto)}, repeats)
-    return {"arch": arch, "batch_size": batch_size, "rows": _summarise(times, batch_size, "torchvision_fp32"),
+    auto_name = f"ssd_core_auto({auto})"
+    variants = {"torchvision_fp32": stepper(reference)}
+    if device.type == "cuda":
+        variants[f"torchvision_{amp}_autocast"] = stepper(_clone_channels_last(reference), amp)
+    variants |= {"ssd_core_fp32": stepper(ours), auto_name: stepper(ours_auto, precision=auto)}
+    times = alternate(variants, repeats, warmup=warmup, synchronize=synchronizer(device))
+    return {"arch": arch, "batch_size": batch_size, "device": str(device), "precision": auto,
+            "rows": summarise(times, batch_size, "torchvision_fp32"),
             "ratio_auto_vs_torchvision_fp32":
-                statistics.median(times["torchvision_fp32"]) / statistics.median(times[f"ssd_core_auto({auto})"])}
+                statistics.median(times["torchvision_fp32"]) / statistics.median(times[auto_name])}
 
 
 def _clone_with_precision(model, precision: str):

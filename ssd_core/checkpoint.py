@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssd_core.storage import atomic_write_bytes, filesystem_for
+from ssd_core.storage import atomic_write_bytes, filesystem_for, local_path
 
 CHECKPOINT_VERSION = 1
 
@@ -39,12 +39,11 @@ def read_torch_file(uri: str, *, what: str = "checkpoint") -> Any:
 
     A missing file is a FileNotFoundError, an unreadable one (truncated, corrupted, not a torch file) a
     ValueError; both name the file as ``what``."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    fs, path = filesystem_for(uri)
+    path = local_path(uri)
     try:
-        if isinstance(fs, LocalFileSystem):
+        if path is not None:
             return torch.load(path, map_location="cpu", weights_only=True)
+        fs, path = filesystem_for(uri)
         return torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} not found: {uri}") from None

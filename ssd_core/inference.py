@@ -5,6 +5,7 @@ For bf16/fp16 the copy has BatchNorm folded into the convolution before it, each
 fused into the convolution before it (one oneDNN call on CPU), and its weights cast once in channels_last
 instead of autocast recasting all of them on every call; in fp32 it is the plain network in eval mode. Its outputs follow the plain
 model's (fp32: within float rounding; bf16: no further from fp32 than autocast, see tests/test_inference.py).
+`compile_network` puts such a copy's network through torch.compile (a GPU node's check times it).
 """
 
 from __future__ import annotations
@@ -112,3 +113,15 @@ def optimize_for_inference(model: SSD, precision: str | None = None, device: tor
     optimized.inference_optimized = True
     object.__setattr__(optimized, "source_model", model)  # not a submodule: never saved
     return optimized
+
+
+def compile_network(model: SSD, **options) -> SSD:
+    """``model`` (an `optimize_for_inference` copy) with its backbone and head run through `torch.compile`
+    (in place; ``options`` go to it). Pre- and post-processing stay eager: their shapes follow the inputs
+    and the detections. The first call compiles (tens of seconds on a GPU); a new batch shape compiles
+    again."""
+    if not getattr(model, "inference_optimized", False):
+        raise ValueError("compile_network takes an optimize_for_inference copy, not the trainable model")
+    model.backbone = torch.compile(model.backbone, **options)
+    model.head = torch.compile(model.head, **options)
+    return model

@@ -22,6 +22,7 @@ __all__ = [
     "is_s3",
     "s3_endpoint_from_env",
     "s3_region_from_env",
+    "local_path",
     "filesystem_for",
     "pyarrow_filesystem_for",
     "atomic_write_bytes",
@@ -78,6 +79,16 @@ def _s3fs_options(storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
 def _strip_scheme(uri: str) -> str:
     parsed = urlparse(uri)
     return f"{parsed.netloc}{parsed.path}".rstrip("/") if parsed.scheme else uri
+
+
+def local_path(uri: str | os.PathLike) -> str | None:
+    """The absolute path of a local path or ``file://`` URL; None for any other scheme (s3://, https://...).
+    Local files need no fsspec: a process without it (a GPU node's check) still reads them."""
+    uri = os.fspath(uri)
+    scheme = urlparse(uri).scheme
+    if scheme == "file":
+        return os.path.abspath(uri.removeprefix("file://"))
+    return os.path.abspath(uri) if scheme == "" else None
 
 
 def filesystem_for(uri: str | os.PathLike, storage_options: Mapping[str, Any] | None = None):

@@ -74,3 +74,24 @@ def test_fp32_copy_detects_like_the_model():
     for a, b in zip(expected, got):
         torch.testing.assert_close(a["boxes"], b["boxes"])
         assert torch.equal(a["labels"], b["labels"])
+
+
+def test_compiled_network_detects_like_the_eager_copy():
+    """torch.compile (its graph capture, run eagerly here: the GPU check compiles for real) of the
+    backbone and head leaves pre- and post-processing as they were: the same detections."""
+    from ssd_core.inference import compile_network
+
+    torch.manual_seed(0)
+    model = build_model("ssdlite320_mobilenet_v3_large", num_classes=5).eval()
+    _he_init(model)
+    with pytest.raises(ValueError, match="optimize_for_inference copy"):
+        compile_network(model)
+    images = [torch.rand(3, 200, 260), torch.rand(3, 200, 260)]
+    eager = optimize_for_inference(model, "fp32")
+    compiled = compile_network(optimize_for_inference(model, "fp32"), backend="eager")
+    with torch.inference_mode():
+        expected, got = eager(images), compiled(images)
+    assert type(compiled.backbone).__name__ == "OptimizedModule"
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(a["boxes"], b["boxes"])
+        assert torch.equal(a["labels"], b["labels"])

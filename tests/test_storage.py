@@ -29,6 +29,27 @@ def test_join_uri():
     assert storage.join_uri("/tmp/out", "a", "", "b") == "/tmp/out/a/b"
 
 
+def test_local_path_is_local_files_only(tmp_path):
+    assert storage.local_path(str(tmp_path / "w.pt")) == str(tmp_path / "w.pt")
+    assert storage.local_path(f"file://{tmp_path}/w.pt") == str(tmp_path / "w.pt")
+    assert storage.local_path("rel/w.pt") == os.path.join(os.getcwd(), "rel", "w.pt")
+    assert storage.local_path("s3://b/w.pt") is None and storage.local_path("https://h/w.pt") is None
+
+
+def test_local_torch_files_are_read_and_errors_name_them(tmp_path):
+    import torch
+
+    from ssd_core.checkpoint import read_torch_file
+
+    torch.save({"step": 3}, tmp_path / "w.pt")
+    assert read_torch_file(str(tmp_path / "w.pt"))["step"] == read_torch_file(f"file://{tmp_path}/w.pt")["step"] == 3
+    with pytest.raises(FileNotFoundError, match="weights file not found: .*none.pt"):
+        read_torch_file(str(tmp_path / "none.pt"), what="weights file")
+    (tmp_path / "broken.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="checkpoint .*broken.pt cannot be read"):
+        read_torch_file(str(tmp_path / "broken.pt"))
+
+
 def test_atomic_write_local_replaces_and_leaves_no_temp(tmp_path):
     target = tmp_path / "deep" / "dir" / "ckpt.pt"
     storage.atomic_write_bytes(target, b"first")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import gc
 import json
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -27,7 +28,8 @@ from ssd_core.images import (
     sniff_image,
 )
 
-__all__ = ["DetectConfig", "build_detector", "PreprocessSpec", "read_and_preprocess", "Detector", "write_block", "block_summary"]
+__all__ = ["DetectConfig", "build_detector", "PreprocessSpec", "read_and_preprocess", "preprocess_contents", "Detector",
+           "write_block", "block_summary"]
 
 DEFAULT_SEED = 0
 
@@ -98,7 +100,20 @@ class PreprocessSpec:
 
 
 def read_and_preprocess(listing, *, config: DetectConfig) -> dict[str, np.ndarray]:
-    """Ray task: listing rows (pyarrow) -> decoded, resized, normalised batch.
+    """Ray task: listing rows (pyarrow) -> decoded, resized, normalised batch (see `preprocess_contents`)."""
+    rows = listing.to_pydict()
+    uris = rows["image_uri"]
+    fs, _ = storage.filesystem_for(uris[0], config.storage_options) if uris else (None, None)
+    paths = [storage.filesystem_for(uri, config.storage_options)[1] for uri in uris]
+    # One call fetches the whole block; s3fs runs the GETs concurrently.
+    contents = fs.cat(paths, on_error="return") if paths else {}
+    return preprocess_contents(rows, [contents.get(path, FileNotFoundError(path)) for path in paths], config=config)
+
+
+def preprocess_contents(rows: Mapping[str, list], contents: list[bytes | BaseException], *,
+                        config: DetectConfig) -> dict[str, np.ndarray]:
+    """Listing rows (columns image_uri, size_bytes, etag, sniff) and each object's bytes (or the error
+    reading it) -> decoded, resized, normalised batch: the CPU work of a read task.
 
     Returns columns image_uri, size_bytes, etag, width, height, status, error and
     pixels float32[B, 3, H, W] (zeros for error rows, which inference skips). With
@@ -111,19 +126,12 @@ def read_and_preprocess(listing, *, config: DetectConfig) -> dict[str, np.ndarra
     from ssd_core.model import group_by_shape, resize_normalize
 
     spec: PreprocessSpec = config.preprocess_spec
-    rows = listing.to_pydict()
     uris = rows["image_uri"]
-    fs, _ = storage.filesystem_for(uris[0], config.storage_options) if uris else (None, None)
-    paths = [storage.filesystem_for(uri, config.storage_options)[1] for uri in uris]
-    # One call fetches the whole block; s3fs runs the GETs concurrently.
-    contents = fs.cat(paths, on_error="return") if paths else {}
-
     keep, widths, heights, statuses, errors = [], [], [], [], []
     decoded: list[np.ndarray | None] = []  # uint8[H, W, 3], None for error rows and deferred JPEGs
     encoded: list[bytes] = []  # deferred JPEGs' bytes, b"" otherwise
     orientations: list[int] = []
-    for index, (path, sniff) in enumerate(zip(paths, rows["sniff"])):
-        data = contents.get(path, FileNotFoundError(path))
+    for index, (data, sniff) in enumerate(zip(contents, rows["sniff"])):
         if isinstance(data, BaseException):
             if sniff:
                 continue
@@ -193,10 +201,11 @@ class Detector:
     With ``owns_blocks`` (CPU-only nodes) it takes a block of listing rows, reads, decodes and detects
     them ``batch_size`` at a time, writes the block's files and returns the block's summary row;
     otherwise it takes the preprocessed batches of the read tasks and returns their detections for the
-    write tasks (GPU nodes). See ``pipeline._run_pipeline`` for why.
+    write tasks (GPU nodes). See ``pipeline._run_pipeline`` for why. Nothing in it needs Ray: ``detect``
+    is a batch's whole work on ``device`` (``ssd_core.gpucheck`` times it so, without Ray).
     """
 
-    def __init__(self, config: DetectConfig, owns_blocks: bool = False) -> None:
+    def __init__(self, config: DetectConfig, owns_blocks: bool = False, device: str = "auto") -> None:
         import torch
 
         from ssd_core.allocator import tune_allocator
@@ -206,7 +215,7 @@ class Detector:
         from ssd_core.inference import optimize_for_inference
         from ssd_core.precision import resolve_device
 
-        self.device = resolve_device("auto")
+        self.device = resolve_device(device)
         self.model = optimize_for_inference(build_detector(config), device=self.device)
         self.config, self.owns_blocks = config, owns_blocks
         self.node_id = _ray_node_id()
@@ -239,7 +248,7 @@ class Detector:
         width, height = batch["width"], batch["height"]
         pixels = batch["pixels"]
         if "encoded" in batch and any(len(data) for data in batch["encoded"]):
-            pixels, status, error, width, height = self._decode_deferred(batch)
+            pixels, status, error, width, height = self.decode_on_device(batch)
         ok = status == "ok"
         count = len(ok)
         labels, scores, boxes = [], [], []
@@ -249,7 +258,7 @@ class Detector:
                 if not (ok.all() and pixels.flags.writeable):
                     pixels = pixels[ok]  # a boolean index copies (into a writable array): once, and only if needed
                 pixels = torch.from_numpy(pixels).to(self.device)
-            else:
+            elif not ok.all():
                 pixels = pixels[torch.from_numpy(ok).to(pixels.device)]
             sizes = torch.from_numpy(np.stack([height[ok], width[ok]], axis=1).astype(np.int64))
             with torch.inference_mode():
@@ -278,7 +287,7 @@ class Detector:
             }
         )
 
-    def _decode_deferred(self, batch: Mapping[str, np.ndarray]):
+    def decode_on_device(self, batch: Mapping[str, np.ndarray]):
         """Decode the batch's deferred JPEGs on the actor's device (nvjpeg on a GPU, libjpeg-turbo on a
         CPU), orient, resize and normalise them there -> (pixels FloatTensor[B, 3, H, W] on the device,
         status, error, width, height). A JPEG the batched decode rejects is decoded alone, then by PIL
@@ -291,9 +300,12 @@ class Detector:
         spec: PreprocessSpec = self.config.preprocess_spec
         status, error = batch["status"].copy(), batch["error"].copy()
         width, height = batch["width"].copy(), batch["height"].copy()
-        pixels = batch["pixels"]
-        pixels = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy()).to(self.device)  # written below
         rows = [i for i, data in enumerate(batch["encoded"]) if len(data)]
+        # Only the rows the read tasks decoded cross to the device; the deferred rows' zeros do not.
+        pixels = torch.zeros(batch["pixels"].shape, device=self.device)
+        ready = [i for i, data in enumerate(batch["encoded"]) if not len(data) and status[i] == "ok"]
+        if ready:
+            pixels[ready] = torch.from_numpy(batch["pixels"][ready]).to(self.device)
         tensors = [torch.from_numpy(np.frombuffer(batch["encoded"][i], dtype=np.uint8).copy()) for i in rows]
 
         def decode(items):
@@ -331,11 +343,10 @@ class Detector:
 
 
 def _ray_node_id() -> str:
-    """The Ray node this process runs on ("" outside Ray)."""
+    """The Ray node this process runs on ("" outside Ray, which is then not imported)."""
+    ray = sys.modules.get("ray")  # a Ray worker has imported it already
     try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else ""
     except Exception:  # noqa: BLE001 - bookkeeping only
         return ""
 

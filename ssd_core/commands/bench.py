@@ -45,6 +45,7 @@ def _common(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (a whole GPU node: python -m ssd_core.gpucheck)")
 
 
 def _emit(result: dict, path: Path | None) -> None:
@@ -55,14 +56,15 @@ def _emit(result: dict, path: Path | None) -> None:
 
 def _run_infer(args: argparse.Namespace) -> int:
     from ssd_core.bench import bench_infer, format_rows
+    from ssd_core.precision import resolve_device
 
     result = bench_infer(args.arch, batch_size=args.batch_size, repeats=args.repeats,
-                         height=args.height, width=args.width)
+                         height=args.height, width=args.width, device=resolve_device(args.device))
     print(f"# inference, {args.arch}, batch {args.batch_size}, {args.height}x{args.width} inputs, "
-          f"{result['threads']} threads, medians of {args.repeats}")
+          f"{result['device']}, {result['threads']} threads, medians of {args.repeats}")
     print(format_rows(result["rows"]))
     print(f"ssd_core auto vs torchvision fp32:          {result['ratio_auto_vs_torchvision_fp32']:.2f}x")
-    print(f"ssd_core auto vs torchvision bf16 autocast: {result['ratio_auto_vs_torchvision_autocast']:.2f}x")
+    print(f"ssd_core auto vs torchvision autocast:      {result['ratio_auto_vs_torchvision_autocast']:.2f}x")
     print("# post-processing alone (same head outputs)")
     print(format_rows(result["postprocess"]["rows"]))
     print(f"ssd_core vs torchvision post-processing:    {result['postprocess']['ratio']:.2f}x")
@@ -87,10 +89,11 @@ def _run_train(args: argparse.Namespace) -> int:
         _emit({"rows": rows}, args.json)
         return 0
     from ssd_core.bench import bench_train, format_rows
+    from ssd_core.precision import resolve_device
 
     result = bench_train(args.arch, batch_size=args.batch_size, repeats=args.repeats,
-                         height=args.height, width=args.width)
-    print(f"# training step, {args.arch}, batch {args.batch_size}, medians of {args.repeats}")
+                         height=args.height, width=args.width, device=resolve_device(args.device))
+    print(f"# training step, {args.arch}, batch {args.batch_size}, {result['device']}, medians of {args.repeats}")
     print(format_rows(result["rows"]))
     print(f"ssd_core auto vs torchvision fp32: {result['ratio_auto_vs_torchvision_fp32']:.2f}x")
     _emit(result, args.json)

@@ -49,24 +49,14 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
 
 
 def write_jpeg_bucket(folder: Path, count: int, *, height: int = 480, width: int = 640, seed: int = 0) -> list[Path]:
-    """`count` synthetic JPEGs (coloured rectangles on a gradient), deterministic."""
-    import numpy as np
-    from PIL import Image, ImageDraw
+    """`count` synthetic JPEGs (`ssd_core.bench.synthetic_jpegs`) written to ``folder``."""
+    from ssd_core.bench import synthetic_jpegs
 
-    rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    ramp = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
     paths = []
-    for index in range(count):
-        base = (ramp * rng.uniform(0.2, 1.0, 3)[None, None, :]).repeat(height, axis=0).astype(np.uint8)
-        image = Image.fromarray(base)
-        draw = ImageDraw.Draw(image)
-        for _ in range(4):
-            x, y = rng.integers(0, width - 80), rng.integers(0, height - 80)
-            w, h = rng.integers(30, 200, 2)
-            draw.rectangle([x, y, x + w, y + h], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    for index, data in enumerate(synthetic_jpegs(count, height=height, width=width, seed=seed)):
         path = folder / f"img{index:05d}.jpg"
-        image.save(path, quality=90)
+        path.write_bytes(data)
         paths.append(path)
     return paths
 
@@ -142,7 +132,7 @@ def bench_detect(args: argparse.Namespace) -> dict[str, Any]:
 
     from ssd_core import build_model
     from ssd_core.allocator import tune_allocator
-    from ssd_core.bench import _torchvision_pair
+    from ssd_core.bench import torchvision_pair
     from ssd_core.cluster import init_ray
     from ssd_core.images import decode_image
     from ssd_core.inference import optimize_for_inference
@@ -160,7 +150,7 @@ def bench_detect(args: argparse.Namespace) -> dict[str, Any]:
 
         # One set of random weights for all three: torchvision's model (He init for SSDLite, so scores are
         # not all 1/91 and post-processing gets a realistic load), saved as the pipeline's --weights.
-        tv_model, _ = _torchvision_pair(args.arch)
+        tv_model, _ = torchvision_pair(args.arch)
         tv_model.score_thresh = args.score_threshold
         tv_model.eval()
         weights = work / "weights.pt"
