@@ -99,9 +99,11 @@ def _summarise(times: dict[str, list[float]], images_per_call: int, anchor: str)
     return rows
 
 
-def bench_infer(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int = 480, width: int = 640) -> dict[str, Any]:
+def bench_infer(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int = 480, width: int = 640,
+                int8: bool = False) -> dict[str, Any]:
     """End-to-end eval forward (resize, network, post-processing) of torchvision fp32, torchvision
-    under bf16 autocast + channels_last, ours fp32 and ours with precision="auto"; plus
+    under bf16 autocast + channels_last, ours fp32 and ours with precision="auto"; with ``int8`` also
+    ours in int8 (`ssd_core.quantize`, calibrated on other random images of the same kind); plus
     post-processing alone on the same head outputs. Both sides run with the malloc settings bulk
     detection uses (`ssd_core.allocator`)."""
     tune_allocator()
@@ -112,6 +114,7 @@ def bench_infer(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int
     auto = resolve_precision("auto", "cpu")
     ours_auto = optimize_for_inference(ours, "auto")
     reference_bf16 = _clone_channels_last(reference)
+    ours_int8 = _int8_copy(ours, _images(batch_size, height, width, seed=1)) if int8 else None
 
     def tv_fp32():
         with torch.inference_mode():
@@ -129,17 +132,27 @@ def bench_infer(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int
         with torch.inference_mode():
             ours_auto(images)
 
+    def ours_int8_fn():
+        with torch.inference_mode():
+            ours_int8(images)
+
     variants = {"torchvision_fp32": tv_fp32, "torchvision_bf16_autocast": tv_autocast,
                 "ssd_core_fp32": ours_fp32, f"ssd_core_auto({auto})": ours_auto_fn}
+    if int8:
+        variants["ssd_core_int8"] = ours_int8_fn
     times = alternate(variants, repeats)
     rows = _summarise(times, batch_size, "torchvision_fp32")
-    auto_median = statistics.median(times[f"ssd_core_auto({auto})"])
+    median = {name: statistics.median(samples) for name, samples in times.items()}
+    auto_median = median[f"ssd_core_auto({auto})"]
     result = {
         "arch": arch, "batch_size": batch_size, "image_size": [height, width], "threads": torch.get_num_threads(),
         "rows": rows,
-        "ratio_auto_vs_torchvision_fp32": statistics.median(times["torchvision_fp32"]) / auto_median,
-        "ratio_auto_vs_torchvision_autocast": statistics.median(times["torchvision_bf16_autocast"]) / auto_median,
+        "ratio_auto_vs_torchvision_fp32": median["torchvision_fp32"] / auto_median,
+        "ratio_auto_vs_torchvision_autocast": median["torchvision_bf16_autocast"] / auto_median,
     }
+    if int8:
+        result["ratio_int8_vs_torchvision_fp32"] = median["torchvision_fp32"] / median["ssd_core_int8"]
+        result["ratio_int8_vs_auto"] = auto_median / median["ssd_core_int8"]
     result["postprocess"] = bench_postprocess(reference, ours, images, repeats=max(repeats, 5))
     return result
 
@@ -192,6 +205,18 @@ def bench_train(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int
     return {"arch": arch, "batch_size": batch_size, "rows": _summarise(times, batch_size, "torchvision_fp32"),
             "ratio_auto_vs_torchvision_fp32":
                 statistics.median(times["torchvision_fp32"]) / statistics.median(times[f"ssd_core_auto({auto})"])}
+
+
+def _int8_copy(model, calibration_images: list[torch.Tensor]):
+    """An int8 inference copy of ``model`` calibrated on ``calibration_images``; ``model`` stays fp32."""
+    import copy
+
+    from ssd_core.quantize import calibrate
+
+    calibrated = copy.deepcopy(model)
+    with torch.no_grad():
+        calibrate(calibrated, [calibrated.preprocess(calibration_images)[0]])
+    return optimize_for_inference(calibrated, "int8")
 
 
 def _clone_with_precision(model, precision: str):

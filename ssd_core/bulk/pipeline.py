@@ -142,6 +142,9 @@ def detect_bucket(
         # Only when needed: the architecture's metadata costs the driver an import of torch.
         metadata = read_model_metadata(weights, arch)  # the driver never builds the network
         summary["model"] = metadata.arch
+        if precision == "int8" and metadata.precision != "int8":
+            raise ValueError(f"precision 'int8' needs an int8 checkpoint; {weights or arch} is {metadata.precision}: "
+                             "calibrate it with `ssd quantize --weights W --data DIR --output W_int8.pt`")
     if pending.num_rows:
         init_ray()
         plan = plan_actors(
