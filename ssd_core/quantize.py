@@ -5,7 +5,8 @@ ReLU/ReLU6/Hardswish fused where the backend fuses them), additions, the SE bloc
 and pooling run in int8, with per-channel symmetric int8 weights and per-tensor uint8 activations whose
 ranges are calibrated on training images (histogram observer: the range that minimises the
 quantization error). Kept in higher precision: the input quantization and everything after the
-head's last convolutions (anchors, box decoding, NMS, rescaling: fp32), and in SSD300/512-VGG16 the L2
+head's last convolutions (the concatenation of their outputs across feature maps, anchors, box decoding,
+NMS, rescaling: fp32), and in SSD300/512-VGG16 the L2
 normalisation of conv4_3 with its learned per-channel scale (fp32: one scale for all 512 channels of
 `scale_weight` would round them together).
 
@@ -75,12 +76,19 @@ def _check_backend() -> None:
 
 def qconfig_mapping(model: SSD) -> Any:
     """The x86 backend's default: HistogramObserver on activations (uint8, 7-bit range so that CPUs
-    without VNNI cannot overflow), per-channel symmetric int8 weights; VGG's scaled L2 norm in fp32."""
+    without VNNI cannot overflow), per-channel symmetric int8 weights; the head's concatenation and
+    VGG's scaled L2 norm in fp32."""
     from torch.ao.quantization import get_default_qconfig_mapping
 
     mapping = get_default_qconfig_mapping(BACKEND)
+    # The head's predictor outputs are dequantized (each keeps its own output scale) and laid out and
+    # concatenated in fp32: an int8 cat would force one scale on maps whose ranges differ. `view` is
+    # also VGG's scale_weight.view(1, -1, 1, 1) (no backbone quantizes a view).
+    mapping.set_object_type("view", None)
+    mapping.set_object_type(torch.cat, None)
     if isinstance(model.backbone, VGGExtractor):
-        # scale_weight * F.normalize(conv4_3): the first multiplication in VGGExtractor.forward.
+        # scale_weight.view(...) * F.normalize(conv4_3), VGGExtractor.forward's first multiplication
+        # (F.normalize has no int8 kernel: it runs in fp32 on the dequantized map).
         mapping.set_module_name_object_type_order("backbone", operator.mul, 0, None)
     return mapping
 
