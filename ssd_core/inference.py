@@ -102,7 +102,8 @@ def optimize_for_inference(model: SSD, precision: str | None = None, device: tor
         return model if precision in (None, model.precision) else optimize_for_inference(
             model.source_model, precision, device)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    optimized = copy.deepcopy(model).eval().to(device)
+    shared = {id(model.int8_state): model.int8_state}  # read-only: the copy shares it
+    optimized = copy.deepcopy(model, memo=shared).eval().to(device)
     optimized.set_precision(precision or model.precision)
     concrete = optimized.effective_precision(device)
     if concrete == "int8":

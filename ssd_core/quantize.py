@@ -59,10 +59,10 @@ class Network(nn.Module):
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """FX graph mode's deprecation notice, reduce_range's and uncalibrated observers' warnings (the
-    rebuild loads the calibrated values right after) are noise here."""
+    """The deprecation notices of FX graph mode and quantized tensors, reduce_range's, and uncalibrated
+    observers' warnings (the rebuild loads the calibrated values right after) are noise here."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module=r"torch\.ao\.quantization")
+        warnings.filterwarnings("ignore", module=r"torch\.ao\.")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         yield
 
@@ -136,7 +136,8 @@ def int8_network(model: SSD) -> torch.fx.GraphModule:
                          f"--output W_int8.pt` and load its output ({model.arch} has no int8 calibration)")
     prepared = _prepare(model)
     network = _convert(prepared)  # observers never ran: placeholder scales, replaced by the load below
-    result = network.load_state_dict(model.int8_state, strict=False)
+    with _quiet():
+        result = network.load_state_dict(model.int8_state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             f"the int8 calibration of this {model.arch} does not fit the graph PyTorch {torch.__version__} builds "

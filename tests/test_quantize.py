@@ -166,3 +166,14 @@ def test_ssd_quantize_cli_calibrates_on_training_images_and_eval_loads_the_resul
     assert cli_main(["quantize", "--weights", str(weights), "--data", str(data), "--calibration-images", "0",
                      "--output", str(output)]) == 1
     assert "--calibration-images must be >= 1" in capsys.readouterr().err
+
+
+def test_detect_refuses_int8_for_weights_without_calibration_before_starting_ray(tmp_path):
+    from ssd_core.bulk import detect_bucket
+
+    weights = tmp_path / "fp32.pt"
+    write_checkpoint(str(weights), checkpoint_payload(_tiny_model()))
+    (tmp_path / "images").mkdir()
+    with pytest.raises(ValueError, match=r"needs an int8 checkpoint; .*fp32\.pt is fp32: calibrate it with `ssd quantize"):
+        detect_bucket(str(tmp_path / "images"), str(tmp_path / "out"), weights=str(weights), precision="int8",
+                      progress=False)
