@@ -15,7 +15,7 @@ from flows.artifacts import publish_markdown, publish_table, scalar_rows
 
 
 def write_coco_report(weights: str, data: str, output: str, *, split: str = "val", batch_size: int = 8,
-                      workers: int = 2, precision: str = "fp32", max_images: int | None = None,
+                      workers: int = 2, precision: str | None = None, max_images: int | None = None,
                       samples: int = 8) -> dict[str, Any]:
     """Evaluate ``weights`` on ``data``/``split`` and write the report into ``output`` (folder or s3://).
 
@@ -39,14 +39,14 @@ def write_coco_report(weights: str, data: str, output: str, *, split: str = "val
 
 @task(retries=0)
 def run_evaluation(weights: str, data: str, output: str, split: str, batch_size: int, workers: int,
-                   precision: str, max_images: int | None, samples: int) -> dict[str, Any]:
+                   precision: str | None, max_images: int | None, samples: int) -> dict[str, Any]:
     return write_coco_report(weights, data, output, split=split, batch_size=batch_size, workers=workers,
                              precision=precision, max_images=max_images, samples=samples)
 
 
 @flow(name="evaluate-ssd", log_prints=True)
 def evaluate_ssd(weights: str, data: str, output: str, split: str = "val", batch_size: int = 8,
-                 workers: int = 2, precision: str = "fp32", max_images: int | None = None,
+                 workers: int = 2, precision: str | None = None, max_images: int | None = None,
                  samples: int = 8) -> dict[str, Any]:
     """COCO report of the checkpoint ``weights`` (e.g. RUN_DIR/last.pt) on ``data`` (split ``split``)
     into ``output`` (REPORT_DIR). Returns the 12 metrics and the report's location."""

@@ -146,12 +146,13 @@ def _autocast_precision(auto: str) -> str:
 
 def bench_infer(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int = 480, width: int = 640,
                 device: torch.device | str = "cpu", compile: bool = False, postprocess: bool = True,
-                warmup: int = 1) -> dict[str, Any]:
+                warmup: int = 1, int8: bool = False) -> dict[str, Any]:
     """End-to-end eval forward (resize, network, post-processing) on ``device`` of torchvision fp32,
     torchvision under bf16/fp16 autocast + channels_last, ours fp32 and ours with precision="auto"
     (`optimize_for_inference`); with ``compile`` also that copy with its network compiled
     (`compile_network`; warm-up calls compile it). With ``postprocess``, post-processing alone on the same
-    head outputs too. Both sides run with the malloc settings bulk detection uses (`ssd_core.allocator`)."""
+    head outputs too. With ``int8`` also ours in int8 (`ssd_core.quantize`, calibrated on other random images
+    of the same kind; CPU). Both sides run with the malloc settings bulk detection uses (`ssd_core.allocator`)."""
     tune_allocator()
     device = torch.device(device)
     reference, ours = torchvision_pair(arch)
@@ -162,6 +163,7 @@ def bench_infer(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int
     amp = _autocast_precision(auto)
     ours_auto = optimize_for_inference(ours, "auto", device)
     reference_amp = _clone_channels_last(reference)
+    ours_int8 = _int8_copy(ours, _images(batch_size, height, width, seed=1)) if int8 else None
 
     def run(model, precision: str = "fp32"):
         def call():
@@ -174,6 +176,8 @@ def bench_infer(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int
                 "ssd_core_fp32": run(ours), auto_name: run(ours_auto)}
     if compile:
         variants[f"{auto_name}+compile"] = run(compile_network(optimize_for_inference(ours, "auto", device)))
+    if int8:
+        variants["ssd_core_int8"] = run(ours_int8)
     times = alternate(variants, repeats, warmup=warmup, synchronize=synchronizer(device))
     rows = summarise(times, batch_size, "torchvision_fp32")
     auto_median = statistics.median(times[auto_name])
@@ -183,6 +187,9 @@ def bench_infer(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int
         "ratio_auto_vs_torchvision_fp32": statistics.median(times["torchvision_fp32"]) / auto_median,
         "ratio_auto_vs_torchvision_autocast": statistics.median(times[f"torchvision_{amp}_autocast"]) / auto_median,
     }
+    if int8:
+        result["ratio_int8_vs_torchvision_fp32"] = statistics.median(times["torchvision_fp32"]) / statistics.median(times["ssd_core_int8"])
+        result["ratio_int8_vs_auto"] = auto_median / statistics.median(times["ssd_core_int8"])
     if postprocess:
         result["postprocess"] = bench_postprocess(reference, ours, images, repeats=max(repeats, 5))
     return result
@@ -250,6 +257,18 @@ def bench_train(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int
             "rows": summarise(times, batch_size, "torchvision_fp32"),
             "ratio_auto_vs_torchvision_fp32":
                 statistics.median(times["torchvision_fp32"]) / statistics.median(times[auto_name])}
+
+
+def _int8_copy(model, calibration_images: list[torch.Tensor]):
+    """An int8 inference copy of ``model`` calibrated on ``calibration_images``; ``model`` stays fp32."""
+    import copy
+
+    from ssd_core.quantize import calibrate
+
+    calibrated = copy.deepcopy(model)
+    with torch.no_grad():
+        calibrate(calibrated, [calibrated.preprocess(calibration_images)[0]])
+    return optimize_for_inference(calibrated, "int8")
 
 
 def _clone_with_precision(model, precision: str):

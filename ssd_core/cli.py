@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "ssd_core.commands.eval",
     "ssd_core.commands.predict",
     "ssd_core.commands.export",
+    "ssd_core.commands.quantize",
     "ssd_core.commands.detect",
     "ssd_core.commands.query",
     "ssd_core.commands.compact",

@@ -42,7 +42,7 @@ from ssd_core.checkpoint import (
     restore_rng_state,
     write_checkpoint,
 )
-from ssd_core.precision import resolve_device
+from ssd_core.precision import check_trainable, resolve_device
 from ssd_core.storage import atomic_write_bytes, exists, is_s3, join_uri
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class TrainConfig:
     milestones: list[int] | None = None  # epochs (multistep); None: the recipe's fractions of `epochs`
     gamma: float = 0.1
     grad_clip: float | None = 10.0  # max global gradient norm; None: no clipping
-    precision: str = "auto"  # fp32 | bf16 | fp16 | auto (see ssd_core.precision)
+    precision: str = "auto"  # fp32 | bf16 | fp16 | auto (see ssd_core.precision; int8 is for inference only)
     workers: int = 2  # loader processes per training worker
     seed: int = 0
     augment: str | None = None  # ssd | ssdlite | none
@@ -192,6 +192,7 @@ class TrainConfig:
             raise ValueError(f"workers (loader processes) must be >= 0, got {self.workers}")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
+        check_trainable(self.precision)
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the run or replace it")
 
@@ -701,12 +702,15 @@ def build_model_for(config: TrainConfig, class_names: list[str], payload: dict[s
         pretrained = config.weights is not None or config.weights_backbone is not None
         trainable = default_trainable_layers(resolve_config(config.arch, config.model), pretrained=pretrained)
     if payload is not None:
-        return model_from_checkpoint(payload, precision=config.precision, source="resumed checkpoint",
-                                     trainable_backbone_layers=trainable)
-    return build_model(config.arch, num_classes=len(class_names), class_names=class_names,
-                       weights=config.weights, weights_backbone=config.weights_backbone,
-                       trainable_backbone_layers=trainable, precision=config.precision, progress=config.progress,
-                       **config.model)
+        model = model_from_checkpoint(payload, precision=config.precision, source="resumed checkpoint",
+                                      trainable_backbone_layers=trainable)
+    else:
+        model = build_model(config.arch, num_classes=len(class_names), class_names=class_names,
+                            weights=config.weights, weights_backbone=config.weights_backbone,
+                            trainable_backbone_layers=trainable, precision=config.precision,
+                            progress=config.progress, **config.model)
+    model.int8_state = None  # an int8 calibration (`ssd quantize`) fits the weights it was made on, not trained ones
+    return model
 
 
 def prefetch_weights(config: TrainConfig) -> None:

@@ -6,6 +6,8 @@ fused into the convolution before it (one oneDNN call on CPU), and its weights c
 instead of autocast recasting all of them on every call; in fp32 it is the plain network in eval mode. Its outputs follow the plain
 model's (fp32: within float rounding; bf16: no further from fp32 than autocast, see tests/test_inference.py).
 `compile_network` puts such a copy's network through torch.compile (a GPU node's check times it).
+For int8 (a model calibrated by `ssd_core.quantize`) backbone and head become one quantized graph
+(`SSD.int8_network`, rebuilt from the calibration); pre- and post-processing stay fp32.
 """
 
 from __future__ import annotations
@@ -101,15 +103,27 @@ def optimize_for_inference(model: SSD, precision: str | None = None, device: tor
         return model if precision in (None, model.precision) else optimize_for_inference(
             model.source_model, precision, device)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    optimized = copy.deepcopy(model).eval().to(device)
+    shared = {id(model.int8_state): model.int8_state}  # read-only: the copy shares it
+    optimized = copy.deepcopy(model, memo=shared).eval().to(device)
     optimized.set_precision(precision or model.precision)
     concrete = optimized.effective_precision(device)
+    if concrete == "int8":
+        from ssd_core.quantize import int8_module
+
+        optimized.int8_network = int8_module(model)
+        optimized.backbone = optimized.head = None  # the graph holds their int8 versions
+        return _mark_optimized(optimized, model)
+    optimized.int8_state = None  # only the int8 copy uses it
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(concrete)
     for name in ("backbone", "head"):
         module = getattr(optimized, name).requires_grad_(False)
         if dtype is not None:  # fp32 stays the plain network (bit for bit torchvision's numerics)
             module = fuse_conv_activation(fold_batchnorm(module)).to(dtype=dtype, memory_format=torch.channels_last)
         setattr(optimized, name, module)
+    return _mark_optimized(optimized, model)
+
+
+def _mark_optimized(optimized: SSD, model: SSD) -> SSD:
     optimized.inference_optimized = True
     object.__setattr__(optimized, "source_model", model)  # not a submodule: never saved
     return optimized

@@ -127,8 +127,10 @@ class SSD(nn.Module):
     backbone: module returning a list of feature maps (and listing `out_channels`);
     default_boxes: the tiling over those maps; head: {"cls_logits", "bbox_regression"} per box.
     `size` (H, W) is the fixed input; `image_mean` / `image_std` normalise 0..1 pixels for the
-    backbone. `precision` (fp32 | bf16 | fp16 | auto) is what forward runs in (autocast); losses and
+    backbone. `precision` (fp32 | bf16 | fp16 | int8 | auto) is what forward runs in (autocast); losses and
     post-processing always run in fp32. For fast inference see `ssd_core.inference.optimize_for_inference`.
+    int8 needs a calibration (`int8_state`, from `ssd_core.quantize`) and runs only in the copy
+    `optimize_for_inference` makes, where `int8_network` holds backbone and head as one quantized graph.
     """
 
     def __init__(
@@ -167,6 +169,8 @@ class SSD(nn.Module):
         if len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         self.class_names = list(class_names)
+        self.int8_state: dict[str, Tensor] | None = None  # the int8 network's state (ssd_core.quantize)
+        self.int8_network: nn.Module | None = None  # set in optimize_for_inference's int8 copy only
         self.precision = "fp32"
         self.set_precision(precision)
 
@@ -180,6 +184,9 @@ class SSD(nn.Module):
         return self
 
     def effective_precision(self, device: torch.device | str) -> str:
+        """The concrete precision on `device`; "auto" picks int8 on CPU for a model calibrated for it."""
+        if self.precision == "auto" and self.int8_state is not None and torch.device(device).type == "cpu":
+            return "int8"
         return resolve_precision(self.precision, device)
 
     # -- stages --------------------------------------------------------------------------------
@@ -198,6 +205,12 @@ class SSD(nn.Module):
         precision = self.effective_precision(batch.device)
         if precision != "fp32":
             batch = batch.contiguous(memory_format=torch.channels_last)
+        if precision == "int8":
+            if self.int8_network is None:
+                raise ValueError("an int8 model runs through ssd_core.inference.optimize_for_inference(model)")
+            head_outputs, grid = self.int8_network(batch)  # fp32 outputs, the feature maps' sizes
+            anchors = self.default_boxes.xyxy([tuple(g) for g in grid], self.size, device=batch.device)
+            return head_outputs, anchors
         with autocast(precision, batch.device):
             features = self.backbone(batch)
             head_outputs = self.head(features)

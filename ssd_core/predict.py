@@ -62,7 +62,7 @@ def load_detector(
     weights: str | None,
     *,
     arch: str | None = None,
-    precision: str = "fp32",
+    precision: str | None = None,
     score_threshold: float | None = None,
     device: str = "auto",
 ) -> SSD:
@@ -128,7 +128,7 @@ def detect_batch(model: SSD, images: Sequence[torch.Tensor]) -> list[dict[str, t
     original pixels, labels int64 [N], scores [N], on the CPU."""
     import torch
 
-    device = next(model.parameters()).device
+    device = model.image_mean.device  # a buffer every copy has (the int8 one has no float parameters)
     with torch.inference_mode():
         batch, original_sizes = model.preprocess([image.to(device) for image in images])
         outputs = model.detect(batch, original_sizes)

@@ -238,7 +238,8 @@ def assemble(
         ),
         precision=precision, arch=config.arch, class_names=class_names,
     )
-    # Choices made from the weights rather than the config, recorded so a checkpoint rebuilds the same shapes.
+    # Choices made from the weights rather than the config, recorded so a checkpoint rebuilds the same shapes
+    # (build_model adds the SSDConfig overrides it was given).
     model.build_overrides = (
         {"reduced_tail": _reduced_tail(config, weights_backbone)} if config.backbone == "mobilenet_v3_large" else {}
     )
@@ -371,7 +372,7 @@ def build_model(
     num_classes: int | None = None,
     weights: Any = None,
     weights_backbone: Any = None,
-    precision: str = "fp32",
+    precision: str | None = None,
     trainable_backbone_layers: int | None = None,
     class_names: list[str] | None = None,
     progress: bool = True,
@@ -387,7 +388,8 @@ def build_model(
 
     `num_classes` (background included) defaults to the weights' (91 without weights); a different
     count keeps every weight but the classification head, which is re-initialised (fine-tuning).
-    `class_names` default to the weights' categories. `overrides` edit the variant's SSDConfig
+    `class_names` default to the weights' categories. `precision` defaults to the checkpoint's (int8 for
+    `ssd quantize` output), else fp32. `overrides` edit the variant's SSDConfig
     (e.g. score_thresh=0.05, size=(256, 256))."""
     from ssd_core.weights import is_none, resolve
 
@@ -396,10 +398,13 @@ def build_model(
         backbone_file = None
         if not is_none(weights_backbone):
             backbone_file, _ = resolve(weights_backbone, arch, backbone=True, progress=progress)
-        return assemble(
+        model = assemble(
             config, num_classes or 91, weights_backbone=backbone_file,
-            trainable_backbone_layers=trainable_backbone_layers, class_names=class_names, precision=precision,
+            trainable_backbone_layers=trainable_backbone_layers, class_names=class_names,
+            precision=precision or "fp32",
         )
+        model.build_overrides = {**overrides, **model.build_overrides}
+        return model
     if not is_none(weights_backbone):
         log.debug("weights given: weights_backbone %s not used", weights_backbone)
     path, entry = resolve(weights, arch, progress=progress)
@@ -433,30 +438,56 @@ def build_model(
         precision="fp32", pretrained=True,
     )
     _load_weights(model, state, source, found, weights_names)
-    return model.set_precision(precision)
+    model.build_overrides = {**overrides, **model.build_overrides}
+    return model.set_precision(precision or "fp32")
 
 
 # -- our checkpoints ------------------------------------------------------------------------------
 
 
 def checkpoint_payload(model: SSD, config_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What a checkpoint needs to rebuild `model` alone (the engine adds optimizer state etc.)."""
-    return {
+    """What a checkpoint needs to rebuild `model` alone (the engine adds optimizer state etc.). A model
+    calibrated for int8 (`ssd_core.quantize`) is saved with precision "int8" and its int8 state beside
+    the fp32 weights."""
+    payload = {
         "arch": model.arch,
         "num_classes": model.num_classes,
         "class_names": list(model.class_names),
         "model_config": {**(config_overrides or {}), **getattr(model, "build_overrides", {})},
         "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }
+    if model.int8_state is not None:
+        from ssd_core.quantize import BACKEND, INT8_FORMAT
+
+        payload["precision"] = "int8"
+        payload["int8"] = {"format": INT8_FORMAT, "backend": BACKEND, "torch": str(torch.__version__),
+                           "state": dict(model.int8_state)}
+    return payload
+
+
+def _int8_state(payload: dict[str, Any], source: str) -> dict[str, Tensor] | None:
+    """The int8 state of an `ssd quantize` checkpoint (None for others)."""
+    from ssd_core.quantize import INT8_FORMAT
+
+    int8 = payload.get("int8")
+    if int8 is None:
+        return None
+    if not isinstance(int8, dict) or int8.get("format") != INT8_FORMAT or not isinstance(int8.get("state"), dict):
+        found = int8.get("format") if isinstance(int8, dict) else type(int8).__name__
+        raise ValueError(f"checkpoint {source}: int8 section of format {found!r}, this version reads "
+                         f"{INT8_FORMAT!r}; run `ssd quantize` on its fp32 weights again")
+    return int8["state"]
 
 
 def model_from_checkpoint(
-    payload: dict[str, Any], *, precision: str = "fp32", source: str = "checkpoint",
+    payload: dict[str, Any], *, precision: str | None = None, source: str = "checkpoint",
     num_classes: int | None = None, trainable_backbone_layers: int | None = None,
     class_names: list[str] | None = None, pretrained: bool = False,
 ) -> SSD:
     """Rebuild the model of one of our checkpoints; a different `num_classes` re-initialises the
-    classification head (fine-tuning), with `class_names` for the new classes."""
+    classification head (fine-tuning), with `class_names` for the new classes. `precision` defaults to
+    the checkpoint's ("int8" for `ssd quantize` output, else fp32); an int8 checkpoint keeps its
+    calibration unless the classes change."""
     found = int(payload["num_classes"])
     target = num_classes or found
     if class_names is None and target == found:
@@ -467,11 +498,16 @@ def model_from_checkpoint(
         pretrained=pretrained,
     )
     _load_weights(model, payload["model"], source, found, payload.get("class_names"))
-    return model.set_precision(precision)
+    model.build_overrides = {**(payload.get("model_config") or {}), **model.build_overrides}
+    int8_state = _int8_state(payload, source)
+    if int8_state is not None and target == found and payload.get("class_names") in (None, model.class_names):
+        model.int8_state = int8_state  # the calibration fits: same weights, same head
+    return model.set_precision(precision or ("int8" if model.int8_state is not None else "fp32"))
 
 
-def load_model(path: str, *, precision: str = "fp32") -> SSD:
-    """Rebuild a model (architecture, classes, names, weights) from one of our checkpoints."""
+def load_model(path: str, *, precision: str | None = None) -> SSD:
+    """Rebuild a model (architecture, classes, names, weights) from one of our checkpoints, in
+    `precision` (default: the checkpoint's, int8 for `ssd quantize` output, else fp32)."""
     payload = _load_state_file(path)
     if detect_weights_format(payload) != "ssd_core":
         raise ValueError(f"{path} is not an ssd_core checkpoint; use build_model(arch, weights=...) for foreign weights")
@@ -489,12 +525,14 @@ class ModelMetadata:
     size: tuple[int, int]
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
+    precision: str = "fp32"  # the checkpoint's: "int8" for `ssd quantize` output
 
 
 def read_model_metadata(weights: str | None, arch: str | None = None) -> ModelMetadata:
     """Metadata of ``build_model(arch, weights=weights)`` (or ``load_model(weights)`` if ``arch`` is None)
     from the checkpoint's fields, or for foreign weights from the architecture registry and the
     classifier's shape; no network is built. ``weights=None``: the random-init model of ``arch``."""
+    precision = "fp32"
     if weights is None:
         if arch is None:
             raise ValueError("give an architecture or weights")
@@ -507,6 +545,7 @@ def read_model_metadata(weights: str | None, arch: str | None = None) -> ModelMe
                 raise ValueError(f"checkpoint {weights} is a {payload['arch']} model, not {arch}")
             config = resolve_config(payload["arch"], payload.get("model_config") or {})
             num_classes, class_names = int(payload["num_classes"]), payload.get("class_names")
+            precision = payload.get("precision", "fp32")
         elif arch is None:
             raise ValueError(f"{weights} is not an ssd_core checkpoint; give its architecture too")
         else:
@@ -521,7 +560,7 @@ def read_model_metadata(weights: str | None, arch: str | None = None) -> ModelMe
         )
     # The model keeps mean and std as float32 buffers: the same values here.
     mean, std = (tuple(torch.tensor(v, dtype=torch.float32).tolist()) for v in (config.image_mean, config.image_std))
-    return ModelMetadata(config.arch, num_classes, tuple(class_names), tuple(config.size), mean, std)
+    return ModelMetadata(config.arch, num_classes, tuple(class_names), tuple(config.size), mean, std, precision)
 
 
 def config_as_dict(config: SSDConfig) -> dict[str, Any]:

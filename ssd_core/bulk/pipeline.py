@@ -112,6 +112,13 @@ def detect_bucket(
     if batch_size < 1 or rows_per_file < 1:
         raise ValueError(f"batch_size ({batch_size}) and rows_per_file ({rows_per_file}) must be >= 1")
     weights = resolve_weights(weights, storage_options)
+    if precision == "int8":  # found by the driver, before any actor starts
+        from ssd_core.zoo import read_model_metadata
+
+        found = read_model_metadata(weights, arch).precision if weights is not None else "fp32 (random init)"
+        if found != "int8":
+            raise ValueError(f"precision 'int8' needs an int8 checkpoint; {weights or arch} is {found}: calibrate "
+                             "it with `ssd quantize --weights W --data DIR --output W_int8.pt`")
     if weights is None:
         log.warning(
             "NO WEIGHTS GIVEN: %s is randomly initialised (seed %d); detections are meaningless. "

@@ -16,8 +16,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("bench", help="side-by-side benchmarks against torchvision")
     bench = parser.add_subparsers(dest="bench", metavar="BENCH")
 
-    infer = bench.add_parser("infer", help="eval forward: torchvision fp32 / bf16 autocast vs ssd_core fp32 / auto")
+    infer = bench.add_parser("infer", help="eval forward: torchvision fp32 / bf16 autocast vs ssd_core fp32 / auto "
+                             "(/ int8)")
     _common(infer, batch_size=4)
+    infer.add_argument("--precision", choices=["auto", "int8"], default="auto",
+                       help="int8: add an ssd_core int8 column (calibrated on other random inputs)")
     infer.set_defaults(func=_run_infer)
 
     train = bench.add_parser("train", help="training step: torchvision fp32 vs ssd_core (or images/s per Ray worker count)")
@@ -59,12 +62,16 @@ def _run_infer(args: argparse.Namespace) -> int:
     from ssd_core.precision import resolve_device
 
     result = bench_infer(args.arch, batch_size=args.batch_size, repeats=args.repeats,
-                         height=args.height, width=args.width, device=resolve_device(args.device))
+                         height=args.height, width=args.width, device=resolve_device(args.device),
+                         int8=args.precision == "int8")
     print(f"# inference, {args.arch}, batch {args.batch_size}, {args.height}x{args.width} inputs, "
           f"{result['device']}, {result['threads']} threads, medians of {args.repeats}")
     print(format_rows(result["rows"]))
     print(f"ssd_core auto vs torchvision fp32:          {result['ratio_auto_vs_torchvision_fp32']:.2f}x")
     print(f"ssd_core auto vs torchvision autocast:      {result['ratio_auto_vs_torchvision_autocast']:.2f}x")
+    if "ratio_int8_vs_auto" in result:
+        print(f"ssd_core int8 vs torchvision fp32:          {result['ratio_int8_vs_torchvision_fp32']:.2f}x")
+        print(f"ssd_core int8 vs ssd_core auto:             {result['ratio_int8_vs_auto']:.2f}x")
     print("# post-processing alone (same head outputs)")
     print(format_rows(result["postprocess"]["rows"]))
     print(f"ssd_core vs torchvision post-processing:    {result['postprocess']['ratio']:.2f}x")

@@ -42,7 +42,9 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="alternating repetitions; medians are reported")
     parser.add_argument("--score-threshold", type=float, default=0.3)
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
+                        help="int8: the weights calibrated (`ssd_core.quantize`) on the bucket's first batch and "
+                        "saved as an int8 checkpoint, which the pipeline and the model-only figure load")
     parser.add_argument("--work-dir", type=Path, help="where the bucket and outputs go (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.set_defaults(func=_run)
@@ -127,6 +129,31 @@ def _naive_images_per_s(paths: list[Path], output: Path, tv_model) -> float:
     return len(paths) / (time.perf_counter() - started)
 
 
+def _decoded(paths: list[Path]) -> list:
+    """The images at ``paths`` as FloatTensor[3, H, W] in 0..1."""
+    import torch
+
+    from ssd_core.images import decode_image
+
+    return [torch.from_numpy(decode_image(p.read_bytes())).permute(2, 0, 1).float() / 255 for p in paths]
+
+
+def _int8_checkpoint(arch: str, weights: Path, paths: list[Path], score_threshold: float, output: Path) -> Path:
+    """``weights`` calibrated for int8 on the images at ``paths``, written as an int8 checkpoint to ``output``."""
+    import torch
+
+    from ssd_core import build_model
+    from ssd_core.checkpoint import write_checkpoint
+    from ssd_core.quantize import calibrate
+    from ssd_core.zoo import checkpoint_payload
+
+    model = build_model(arch, weights=str(weights), score_thresh=score_threshold).eval()
+    with torch.no_grad():
+        calibrate(model, [model.preprocess(_decoded(paths))[0]])
+    write_checkpoint(str(output), checkpoint_payload(model))
+    return output
+
+
 def bench_detect(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -134,7 +161,6 @@ def bench_detect(args: argparse.Namespace) -> dict[str, Any]:
     from ssd_core.allocator import tune_allocator
     from ssd_core.bench import torchvision_pair
     from ssd_core.cluster import init_ray
-    from ssd_core.images import decode_image
     from ssd_core.inference import optimize_for_inference
 
     tune_allocator()  # as the pipeline's actors do: the model-only and naive figures get it too
@@ -155,14 +181,16 @@ def bench_detect(args: argparse.Namespace) -> dict[str, Any]:
         tv_model.eval()
         weights = work / "weights.pt"
         torch.save(tv_model.state_dict(), weights)
+        if args.precision == "int8":
+            weights = _int8_checkpoint(args.arch, weights, paths[: args.batch_size], args.score_threshold,
+                                       work / "weights-int8.pt")
         model = optimize_for_inference(build_model(args.arch, weights=str(weights), precision=args.precision,
                                                    score_thresh=args.score_threshold))
         batches, sizes = [], []
         model_paths = paths[: args.model_images]
         for start in range(0, len(model_paths), args.batch_size):
             chunk = model_paths[start : start + args.batch_size]
-            decoded = [torch.from_numpy(decode_image(p.read_bytes())).permute(2, 0, 1).float() / 255 for p in chunk]
-            batch, size = model.preprocess(decoded)
+            batch, size = model.preprocess(_decoded(chunk))
             batches.append(batch), sizes.append(size)
 
         figures: dict[str, list[float]] = {"pipeline": [], "pipeline_quarter": [], "steady": [], "startup_s": [],

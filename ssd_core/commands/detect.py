@@ -37,7 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="GPUs each inference actor reserves, fractional allowed (e.g. 0.5: two per GPU); "
                         "> 0 asks for GPU actors even if no GPU node is up yet (an autoscaler adds them), "
                         "0 forces CPU actors; default: 1 if any node of the cluster has a GPU, else 0")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+                        help="auto: int8 for an `ssd quantize` checkpoint on CPU actors, else bf16 where the CPU or "
+                        "GPU has it, else fp32")
     parser.add_argument("--rows-per-file", type=int, default=1024,
                         help="images per output block file, at most (fewer on small inputs, so every actor gets work)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

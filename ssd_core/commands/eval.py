@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model_group.add_argument("--split", default="val", help="dataset split (default: val)")
     model_group.add_argument("--batch-size", type=int, default=8, metavar="B")
     model_group.add_argument("--workers", type=int, default=2, metavar="N", help="data loader processes")
-    model_group.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"])
+    model_group.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16", "int8", "auto"],
+                             help="default: the checkpoint's (int8 for `ssd quantize` output), else fp32; int8 needs such a checkpoint")
     model_group.add_argument("--max-images", type=int, default=None, metavar="N", help="evaluate only the first N images")
     files_group = parser.add_argument_group("score a results file")
     files_group.add_argument("--annotations", metavar="GT.json", help="ground-truth COCO annotation JSON (also with "

@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--score-threshold", type=float, default=0.3, metavar="T",
                         help="keep detections scoring above T (default: 0.3)")
     parser.add_argument("--arch", metavar="A", help="architecture of a foreign state_dict that does not name it")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"])
+    parser.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16", "int8", "auto"],
+                        help="default: the checkpoint's (int8 for `ssd quantize` output), else fp32; int8 needs such a checkpoint")
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="images or frames per forward pass")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

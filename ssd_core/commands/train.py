@@ -22,7 +22,7 @@ def _size(text: str) -> list[int]:
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by `ssd train` and `ssd bench learn` (all default to the TrainConfig/recipe value)."""
-    from ssd_core.precision import PRECISIONS
+    from ssd_core.precision import TRAINING_PRECISIONS
 
     parser.add_argument("--arch", default=None, help="architecture (default ssdlite320_mobilenet_v3_large)")
     parser.add_argument("--data", metavar="DIR", help="dataset root (local or s3://) with "
@@ -54,7 +54,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="multistep: epochs at which the lr is multiplied by --gamma")
     parser.add_argument("--gamma", type=float, default=None)
     parser.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0: no clipping)")
-    parser.add_argument("--precision", choices=list(PRECISIONS), default=None,
+    parser.add_argument("--precision", choices=list(TRAINING_PRECISIONS), default=None,
                         help="auto: bf16 on CPUs with AMX/AVX512-BF16 and on CUDA (fp16 where bf16 is missing)")
     parser.add_argument("--augment", choices=["ssd", "ssdlite", "none"], default=None)
     parser.add_argument("--size", type=_size, default=None, metavar="N|HxW", help="model input size override")

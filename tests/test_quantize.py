@@ -1,0 +1,179 @@
+"""int8 post-training quantization (ssd_core.quantize): calibration, the int8 copy optimize_for_inference
+makes, int8 checkpoints (weights_only round trip), `ssd quantize`, and where int8 is refused.
+
+Models are tiny (SSDLite at 96 px) with He-initialised convolutions, so activations have realistic
+ranges all the way down; the fp32 network of the same weights is the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+
+import pytest
+import torch
+from torch import nn
+
+from ssd_core import build_model, load_model
+from ssd_core.checkpoint import write_checkpoint
+from ssd_core.cli import main as cli_main
+from ssd_core.inference import optimize_for_inference
+from ssd_core.quantize import _prepare, calibrate
+from ssd_core.zoo import checkpoint_payload, read_model_metadata
+
+ARCH = "ssdlite320_mobilenet_v3_large"
+SIZE = (96, 96)
+
+
+def _tiny_model(num_classes: int = 4, class_names: list[str] | None = None) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model(ARCH, num_classes=num_classes, class_names=class_names, size=SIZE).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_in")
+    return model
+
+
+def _images(count: int, seed: int) -> list[torch.Tensor]:
+    """Smooth random images (blurred noise) of a few sizes: closer to photos than white noise."""
+    g = torch.Generator().manual_seed(seed)
+    images = []
+    for index in range(count):
+        h, w = (72, 100) if index % 2 else (120, 90)
+        coarse = torch.rand(1, 3, h // 8, w // 8, generator=g)
+        images.append(nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0])
+    return images
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    """(fp32 model carrying its int8 calibration, its int8 copy)."""
+    model = _tiny_model()
+    with torch.no_grad():
+        seen = calibrate(model, [model.preprocess(_images(8, seed=1))[0]])
+    assert seen == 8 and model.int8_state is not None
+    return model, optimize_for_inference(model, "int8")
+
+
+def test_int8_copy_runs_quantized_convolutions_and_follows_fp32(calibrated):
+    """Accuracy is measured on trained checkpoints (docs/benchmarks.md); a random network only shows that
+    the int8 graph computes the same function: random deep networks amplify any rounding (1% noise on
+    the input moves these head outputs by 5%), so int8 outputs differ by ~25% yet correlate ~0.97."""
+    model, int8 = calibrated
+    assert int8.effective_precision("cpu") == "int8" and int8.backbone is None
+    quantized_convs = [m for m in int8.int8_network.modules() if isinstance(m, torch.ao.nn.quantized.Conv2d)]
+    assert len(quantized_convs) >= 40  # every convolution of backbone and head, BatchNorm folded in
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in int8.int8_network.modules())
+    batch, sizes = model.preprocess(_images(4, seed=2))  # not the calibration images
+    with torch.no_grad():
+        reference, anchors = model.forward_head(batch)
+        quantized, int8_anchors = int8.forward_head(batch)
+    assert torch.equal(anchors, int8_anchors)  # anchors and everything after the head stay fp32
+    for key in ("cls_logits", "bbox_regression"):
+        assert quantized[key].dtype == torch.float32 and quantized[key].shape == reference[key].shape
+        correlation = torch.corrcoef(torch.stack([quantized[key].flatten(), reference[key].flatten()]))[0, 1]
+        assert correlation > 0.9, (key, float(correlation))
+
+
+def test_int8_checkpoint_round_trip_gives_the_same_detections(calibrated, tmp_path):
+    model, int8 = calibrated
+    path = tmp_path / "tiny_int8.pt"
+    write_checkpoint(str(path), checkpoint_payload(model))
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert raw["precision"] == "int8" and raw["int8"]["backend"] == "x86"
+    assert any(t.is_quantized for t in raw["int8"]["state"].values() if isinstance(t, torch.Tensor))
+    assert read_model_metadata(str(path)).precision == "int8"
+
+    loaded = load_model(str(path))  # the checkpoint's precision by default
+    assert loaded.precision == "int8" and loaded.size == SIZE
+    images = _images(3, seed=3)
+    with torch.inference_mode():
+        expected = int8(images)
+        got = optimize_for_inference(loaded)(images)
+        fp32 = optimize_for_inference(load_model(str(path), precision="fp32"))(images)
+    for before, after in zip(expected, got):
+        assert len(before["scores"]) > 0
+        for key in ("boxes", "labels", "scores"):
+            assert torch.equal(before[key], after[key]), key
+    # --precision fp32 on the int8 checkpoint runs the fp32 weights it keeps.
+    with torch.inference_mode():
+        reference = model(images)
+    for a, b in zip(reference, fp32):
+        assert torch.equal(a["scores"], b["scores"])
+    # "auto" picks int8 for a calibrated model on CPU; build_model(arch, weights=...) reads it as well.
+    assert load_model(str(path), precision="auto").effective_precision("cpu") == "int8"
+    assert build_model(ARCH, weights=str(path)).precision == "int8"
+
+
+def test_vgg_keeps_the_l2_normalisation_and_its_scale_in_fp32():
+    torch.manual_seed(0)
+    model = build_model("ssd300_vgg16", num_classes=3).eval()
+    prepared = _prepare(model)
+    observers = [node for node in prepared.graph.nodes
+                 if node.op == "call_module" and "activation_post_process" in str(node.target)]
+    observed = {node.args[0] for node in observers}
+    (mul,) = [n for n in prepared.graph.nodes if n.target is operator.mul]
+    scale, normalize = mul.args
+    assert normalize.target is torch.nn.functional.normalize
+    assert scale.op == "call_method" and scale.args[0].target == "backbone.scale_weight"
+    # Only observed values get quantized: not the learned scale, its view, the normalised map or their
+    # product (which the head's convolutions quantize as their input, one scale for the product).
+    assert not {scale, scale.args[0], normalize} & observed
+    assert mul in observed  # the head's input observer
+    # Every head predictor's output is dequantized before the fp32 view/cat (own scale per map).
+    views = [n for n in prepared.graph.nodes if n.target == "view" and n is not scale]
+    assert views and all(view.args[0] in observers for view in views)
+    assert not any(n in observed for n in prepared.graph.nodes if n.target is torch.cat)
+
+
+def test_precision_int8_needs_a_calibrated_model_and_training_refuses_it():
+    from ssd_core.engine import TrainConfig
+
+    model = _tiny_model()
+    with pytest.raises(ValueError, match="ssd quantize"):
+        optimize_for_inference(model, "int8")
+    with pytest.raises(ValueError, match="optimize_for_inference"):  # the plain model does not run int8 itself
+        model.set_precision("int8").forward_head(torch.zeros(1, 3, *SIZE))
+    with pytest.raises(ValueError, match="inference only.*ssd quantize"):
+        TrainConfig.from_dict({"data": "d", "output": "o", "precision": "int8"}).validate()
+    with pytest.raises(ValueError, match="CPU"):
+        model.set_precision("int8").effective_precision("cuda")
+
+
+def test_ssd_quantize_cli_calibrates_on_training_images_and_eval_loads_the_result(tmp_path, capsys):
+    from ssd_core.data import write_synthetic_dataset
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, 6, 3, seed=0, progress=False)
+    names = json.loads((data / "annotations" / "instances_train.json").read_text())["categories"]
+    model = _tiny_model(num_classes=len(names) + 1,
+                        class_names=["__background__"] + [c["name"] for c in names])
+    weights, output = tmp_path / "fp32.pt", tmp_path / "int8.pt"
+    write_checkpoint(str(weights), checkpoint_payload(model))
+
+    assert cli_main(["quantize", "--weights", str(weights), "--data", str(data), "--calibration-images", "4",
+                     "--batch-size", "2", "--workers", "0", "--output", str(output)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["calibration_images"] == 4 and summary["precision"] == "int8"
+    payload = torch.load(output, map_location="cpu", weights_only=True)
+    assert payload["precision"] == "int8" and payload["int8"]["calibration"]["images"] == 4
+    assert payload["model_config"]["size"] == SIZE  # the checkpoint's own build options are kept
+
+    assert cli_main(["eval", "--weights", str(output), "--data", str(data), "--workers", "0", "--samples", "0",
+                     "--output", str(tmp_path / "report")]) == 0
+    assert "3 images" in capsys.readouterr().out
+    assert cli_main(["quantize", "--weights", str(weights), "--data", str(data), "--calibration-images", "0",
+                     "--output", str(output)]) == 1
+    assert "--calibration-images must be >= 1" in capsys.readouterr().err
+
+
+def test_detect_refuses_int8_for_weights_without_calibration_before_starting_ray(tmp_path):
+    from ssd_core.bulk import detect_bucket
+
+    weights = tmp_path / "fp32.pt"
+    write_checkpoint(str(weights), checkpoint_payload(_tiny_model()))
+    (tmp_path / "images").mkdir()
+    with pytest.raises(ValueError, match=r"needs an int8 checkpoint; .*fp32\.pt is fp32: calibrate it with `ssd quantize"):
+        detect_bucket(str(tmp_path / "images"), str(tmp_path / "out"), weights=str(weights), precision="int8",
+                      progress=False)
