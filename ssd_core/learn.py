@@ -51,26 +51,41 @@ TARGET_AP50 = 0.7
 MAX_PRECISION_GAP_POINTS = 0.5
 TABLE_METRICS = ("AP", "AP50", "APs", "APm", "APl")
 
-# One change at a time against LEARN_RECIPE (values are TrainConfig fields; "model" is merged).
-ABLATIONS: dict[str, dict[str, Any]] = {
-    "recipe": {},
-    "size 320": {"model": {"size": [320, 320]}},
-    "size 256": {"model": {"size": [256, 256]}},
-    "size 192": {"model": {"size": [192, 192]}},
-    "flips only": {"augment": "flip"},
-    "no augmentation": {"augment": "none"},
-    "IoU crop + flip": {"augment": "ssdlite"},
-    "batch 16, lr 0.05": {"batch_size": 16, "lr": 0.05},
-    "batch 16, lr 0.1": {"batch_size": 16, "lr": 0.1},
-    "batch 32, lr 0.1": {"batch_size": 32, "lr": 0.1},
-    "batch 32, lr 0.2": {"batch_size": 32, "lr": 0.2},
-    "warm-up 100": {"warmup_iters": 100},
-    "stock anchors (0.2-0.95)": {"model": {"min_ratio": 0.2, "max_ratio": 0.95}},
-    "anchors 0.1-0.9": {"model": {"min_ratio": 0.1, "max_ratio": 0.9}},
-    "no gradient clipping": {"grad_clip": None},
-    "fp32": {"precision": "fp32"},
-    "loader in-process": {"workers": 0},
-}
+# `ssd bench learn --ablate` without variants: one change at a time against LEARN_RECIPE.
+DEFAULT_ABLATIONS = (
+    "base", "size=224", "augment=ssdlite", "augment=none", "batch_size=32,lr=0.15", "lr=0.1",
+    "model.min_ratio=0.1,model.max_ratio=0.9", "grad_clip=none",
+)
+
+
+def parse_variant(spec: str) -> dict[str, Any]:
+    """TrainConfig overrides from an ablation variant: "base" (none) or comma-separated key=value pairs
+    with JSON values ("none" for None, bare words as strings); "size=N" sets the square input size and
+    "model.KEY=V" a model option, e.g. "batch_size=32,lr=0.15" or "size=256,model.min_ratio=0.1"."""
+    from ssd_core.engine import TrainConfig
+
+    overrides: dict[str, Any] = {}
+    if spec.strip() == "base":
+        return overrides
+    known = set(TrainConfig.__dataclass_fields__)
+    for item in spec.split(","):
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"ablation variant {spec!r}: expected key=value pairs, got {item!r}")
+        try:
+            value = None if text.strip().lower() == "none" else json.loads(text)
+        except json.JSONDecodeError:
+            value = text.strip()
+        if key == "size":
+            overrides.setdefault("model", {})["size"] = [int(value), int(value)]
+        elif key.startswith("model."):
+            overrides.setdefault("model", {})[key[len("model."):]] = value
+        elif key in known:
+            overrides[key] = value
+        else:
+            raise ValueError(f"ablation variant {spec!r}: {key!r} is not a training option")
+    return overrides
 
 
 def compare_precisions(
@@ -281,19 +296,18 @@ def side_by_side(report: dict[str, Any]) -> str:
 
 def ablate(
     datasets: list[str], output: str, *, steps: int, variants: list[str] | None = None, anchor: bool = False,
-    progress: bool = True, **overrides: Any,
+    **overrides: Any,
 ) -> list[dict[str, Any]]:
-    """Train each of `variants` (names in ABLATIONS; default all) for `steps` steps on each dataset,
-    each from LEARN_RECIPE updated with `overrides` then the variant's change (and, with `anchor`,
-    torchvision's recipe once per dataset). Runs go to OUTPUT/<variant>/<dataset folder name>; a run
-    whose learn.json exists is read back instead of trained again. Returns one row per variant: mean
-    and per-dataset metrics. AP at a fixed step count is what the variant learns per update; images/s
+    """Train each of `variants` (`parse_variant` specs; default DEFAULT_ABLATIONS) for `steps` steps on
+    each dataset, each from LEARN_RECIPE updated with `overrides` then the variant's change (and, with
+    `anchor`, torchvision's recipe on each dataset). Runs go to OUTPUT/<variant>/<dataset folder name>; a
+    run whose learn.json exists is read back instead of trained again. Returns one row per variant: mean
+    and per-dataset metrics. AP at a fixed step count is what a variant learns per update; images/s
     (under whatever else runs on the machine) says what an update costs."""
-    variants = list(ABLATIONS) if variants is None else variants
-    unknown = [v for v in variants if v not in ABLATIONS]
-    if unknown:
-        raise ValueError(f"unknown ablation variant(s) {unknown}; choose from {list(ABLATIONS)}")
+    variants = list(DEFAULT_ABLATIONS if variants is None else variants)
+    changes = {variant: parse_variant(variant) for variant in variants}  # bad specs fail before any training
     base = recipe_with(overrides)
+    progress = base.get("progress", True)
     names = [Path(d.rstrip("/")).name for d in datasets]
     if len(set(names)) != len(names):
         raise ValueError(f"dataset folders need distinct names, got {names}")
@@ -312,7 +326,7 @@ def ablate(
                                         threads=base.get("threads"), progress=progress)
                 done.write_text(json.dumps(run, indent=2) + "\n")
             else:
-                recipe = {**recipe_with(ABLATIONS[variant], base), "progress": progress, "overwrite": True}
+                recipe = {**recipe_with(changes[variant], base), "overwrite": True}
                 run = learn(data, str(run_dir), steps=steps, compare=False, anchor=False, **recipe)
             runs.append(run)
             log.info("ablation %s on %s: AP %.3f", variant, name, run["metrics"]["AP"] or 0.0)
@@ -372,6 +386,8 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
                         "(evaluation excluded)")
     parser.add_argument("--steps", type=int, default=None, help="train this many steps instead of --minutes "
                         "(both sides; the schedules span them)")
+    parser.add_argument("--recipe", metavar="CHANGES", help="changes to our recipe, key=value,... as for --ablate "
+                        "(e.g. warmup_iters=25,model.min_ratio=0.1)")
     parser.add_argument("--target-ap50", type=float, default=TARGET_AP50)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
@@ -384,25 +400,26 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-anchor", action="store_true", help="skip torchvision's run")
     parser.add_argument("--no-compare", action="store_true", help="skip the fp32-vs-bf16 evaluation")
     parser.add_argument("--ablate", nargs="*", metavar="VARIANT", default=None,
-                        help=f"one change at a time at --steps on every --data (default: all of {', '.join(ABLATIONS)})")
+                        help="train one change at a time at --steps on every --data: 'base' or key=value,... "
+                        f"(e.g. size=224 augment=ssdlite batch_size=32,lr=0.15; default: {' '.join(DEFAULT_ABLATIONS)})")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = parse_variant(args.recipe) if args.recipe else {}
     for name in ("batch_size", "lr", "augment", "precision", "threads", "seed"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.size is not None:
-        overrides["model"] = {"size": [args.size, args.size]}
+        overrides["model"] = {**overrides.get("model", {}), "size": [args.size, args.size]}
     if args.no_progress:
         overrides["progress"] = False
     if args.ablate is not None:
         if args.steps is None:
             raise ValueError("--ablate needs --steps: the ablation compares runs of the same step count")
         rows = ablate(args.data, args.output, steps=args.steps, variants=args.ablate or None,
-                      anchor=not args.no_anchor, progress=not args.no_progress, **overrides)
+                      anchor=not args.no_anchor, **overrides)
         print(ablation_table(rows))
         Path(args.output, "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
         return 0

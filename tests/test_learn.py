@@ -18,6 +18,7 @@ from ssd_core.learn import (
     ablation_table,
     compare_precisions,
     learn,
+    parse_variant,
     register_bench,
     side_by_side,
 )
@@ -79,19 +80,29 @@ def test_ablate_trains_each_variant_on_each_dataset_once(tmp_path, monkeypatch):
     datasets = [str(write_synthetic_dataset(tmp_path / f"seed{s}", 4, 3, seed=s, progress=False)) for s in (21, 22)]
     options = dict(batch_size=2, model={"size": [96, 96]}, workers=0, loader_probe_batches=0, threads=1,
                    warmup_iters=1)
-    rows = ablate(datasets, str(tmp_path / "ablation"), steps=1, variants=["recipe", "flips only"], progress=False,
+    rows = ablate(datasets, str(tmp_path / "ablation"), steps=1, variants=["base", "augment=flip"], progress=False,
                   **options)
-    assert [r["variant"] for r in rows] == ["recipe", "flips only"]
+    assert [r["variant"] for r in rows] == ["base", "augment=flip"]
     for row in rows:
         assert row["steps"] == 1 and row["datasets"] == ["seed21", "seed22"]
         assert row["AP"] == pytest.approx(sum(v or 0.0 for v in row["AP per dataset"]) / 2)
-    saved = json.loads((tmp_path / "ablation" / "flips-only" / "seed22" / "config.json").read_text())
+    saved = json.loads((tmp_path / "ablation" / "augment-flip" / "seed22" / "config.json").read_text())
     assert saved["augment"] == "flip" and saved["train_steps"] == 1
     # Finished runs are read back, not trained again.
     monkeypatch.setattr(learn_module, "learn", lambda *a, **k: pytest.fail("trained a finished run again"))
-    assert ablate(datasets, str(tmp_path / "ablation"), steps=1, variants=["recipe", "flips only"],
+    assert ablate(datasets, str(tmp_path / "ablation"), steps=1, variants=["base", "augment=flip"],
                   progress=False, **options) == rows
     assert ablation_table(rows).count("\n| ") == 2
+
+
+def test_parse_variant():
+    assert parse_variant("base") == {}
+    assert parse_variant("size=224,lr=0.1,augment=flip,grad_clip=none,model.min_ratio=0.1") == {
+        "model": {"size": [224, 224], "min_ratio": 0.1}, "lr": 0.1, "augment": "flip", "grad_clip": None}
+    with pytest.raises(ValueError, match="'colour' is not a training option"):
+        parse_variant("colour=red")
+    with pytest.raises(ValueError, match="expected key=value"):
+        parse_variant("lr")
 
 
 def test_compare_precisions_on_a_checkpoint(tiny_data, tmp_path):
@@ -121,8 +132,8 @@ def test_register_bench_adds_learn_with_its_options():
     defaults = parser.parse_args(["learn", "--data", "D", "--output", "R"])
     assert (defaults.minutes, defaults.steps, defaults.no_anchor, defaults.ablate) == (15.0, None, False, None)
     ablation = parser.parse_args(["learn", "--data", "A", "B", "--output", "R", "--steps", "200", "--ablate",
-                                  "recipe", "flips only", "--no-anchor"])
+                                  "base", "size=224,lr=0.1", "--no-anchor"])
     assert (ablation.data, ablation.steps, ablation.ablate, ablation.no_anchor) == (
-        ["A", "B"], 200, ["recipe", "flips only"], True)
+        ["A", "B"], 200, ["base", "size=224,lr=0.1"], True)
     with pytest.raises(SystemExit):
         parser.parse_args(["learn", "--output", "R"])  # --data is required
