@@ -7,6 +7,7 @@ and ratios, never a single timing.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import tempfile
 import time
@@ -169,17 +170,22 @@ def bench_postprocess(reference, ours, images, *, repeats: int = 5) -> dict[str,
 
 
 def bench_train(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int = 480, width: int = 640) -> dict[str, Any]:
-    """One SGD step (forward, loss, backward, update) of torchvision fp32 vs ours fp32 and auto."""
+    """One SGD step (forward, loss, backward, update) of torchvision fp32 and under bf16 autocast (its
+    recipe's mixed precision, on its own copy of the weights) vs ours fp32 and auto."""
+    import contextlib
+
     reference, ours = _torchvision_pair(arch)
+    reference_bf16 = copy.deepcopy(reference)
     ours_auto = _clone_with_precision(ours, "auto")  # trained: the plain network
     images, targets = _images(batch_size, height, width), _targets(batch_size, height, width)
 
-    def stepper(model):
+    def stepper(model, context=contextlib.nullcontext):
         model.train()
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
 
         def step():
-            losses = model(images, targets)
+            with context():
+                losses = model(images, targets)
             loss = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -187,22 +193,20 @@ def bench_train(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int
         return step
 
     auto = resolve_precision("auto", "cpu")
-    times = alternate({"torchvision_fp32": stepper(reference), "ssd_core_fp32": stepper(ours),
-                       f"ssd_core_auto({auto})": stepper(ours_auto)}, repeats)
+    times = alternate({"torchvision_fp32": stepper(reference),
+                       "torchvision_bf16_autocast": stepper(reference_bf16, lambda: torch.autocast("cpu", torch.bfloat16)),
+                       "ssd_core_fp32": stepper(ours), f"ssd_core_auto({auto})": stepper(ours_auto)}, repeats)
+    auto_median = statistics.median(times[f"ssd_core_auto({auto})"])
     return {"arch": arch, "batch_size": batch_size, "rows": _summarise(times, batch_size, "torchvision_fp32"),
-            "ratio_auto_vs_torchvision_fp32":
-                statistics.median(times["torchvision_fp32"]) / statistics.median(times[f"ssd_core_auto({auto})"])}
+            "ratio_auto_vs_torchvision_fp32": statistics.median(times["torchvision_fp32"]) / auto_median,
+            "ratio_auto_vs_torchvision_autocast": statistics.median(times["torchvision_bf16_autocast"]) / auto_median}
 
 
 def _clone_with_precision(model, precision: str):
-    import copy
-
     return copy.deepcopy(model).set_precision(precision)
 
 
 def _clone_channels_last(model):
-    import copy
-
     return copy.deepcopy(model).to(memory_format=torch.channels_last)
 
 

@@ -323,7 +323,8 @@ def ablate(
             run_dir.mkdir(parents=True, exist_ok=True)
             if variant == "torchvision":
                 run = train_torchvision(data, steps=steps, seed=base.get("seed", 0), workers=base["workers"],
-                                        threads=base.get("threads"), progress=progress)
+                                        threads=base.get("threads"), eval_max_images=base.get("eval_max_images"),
+                                        progress=progress)
                 done.write_text(json.dumps(run, indent=2) + "\n")
             else:
                 recipe = {**recipe_with(changes[variant], base), "overwrite": True}

@@ -92,6 +92,7 @@ def _run_train(args: argparse.Namespace) -> int:
                          height=args.height, width=args.width)
     print(f"# training step, {args.arch}, batch {args.batch_size}, medians of {args.repeats}")
     print(format_rows(result["rows"]))
-    print(f"ssd_core auto vs torchvision fp32: {result['ratio_auto_vs_torchvision_fp32']:.2f}x")
+    print(f"ssd_core auto vs torchvision fp32:          {result['ratio_auto_vs_torchvision_fp32']:.2f}x")
+    print(f"ssd_core auto vs torchvision bf16 autocast: {result['ratio_auto_vs_torchvision_autocast']:.2f}x")
     _emit(result, args.json)
     return 0
