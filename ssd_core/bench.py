@@ -8,6 +8,7 @@ and ratios, never a single timing. On a GPU each timed call ends with a device s
 
 from __future__ import annotations
 
+import copy
 import statistics
 import tempfile
 import time
@@ -221,10 +222,10 @@ def bench_postprocess(reference, ours, images, *, repeats: int = 5) -> dict[str,
 
 def bench_train(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int = 480, width: int = 640,
                 device: torch.device | str = "cpu", warmup: int = 1) -> dict[str, Any]:
-    """One SGD step (forward, loss, backward, update) on ``device`` of torchvision fp32 (on a GPU also under
-    bf16/fp16 autocast + channels_last, as its reference scripts train with --amp) vs ours fp32 and "auto"
-    (the plain network in its precision, as training runs it). fp16 steps go through a GradScaler, as in
-    training."""
+    """One SGD step (forward, loss, backward, update) on ``device`` of torchvision fp32 and under bf16/fp16
+    autocast (its recipe's mixed precision, on its own copy of the weights; channels_last on a GPU, as its
+    reference scripts train with --amp) vs ours fp32 and "auto" (the plain network in its precision, as
+    training runs it). fp16 steps go through a GradScaler, as in training."""
     device = torch.device(device)
     reference, ours = torchvision_pair(arch)
     auto = resolve_precision("auto", device)
@@ -248,21 +249,19 @@ def bench_train(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int
         return step
 
     auto_name = f"ssd_core_auto({auto})"
-    variants = {"torchvision_fp32": stepper(reference)}
-    if device.type == "cuda":
-        variants[f"torchvision_{amp}_autocast"] = stepper(_clone_channels_last(reference), amp)
-    variants |= {"ssd_core_fp32": stepper(ours), auto_name: stepper(ours_auto, precision=auto)}
+    reference_amp = _clone_channels_last(reference) if device.type == "cuda" else copy.deepcopy(reference)
+    variants = {"torchvision_fp32": stepper(reference), f"torchvision_{amp}_autocast": stepper(reference_amp, amp),
+                "ssd_core_fp32": stepper(ours), auto_name: stepper(ours_auto, precision=auto)}
     times = alternate(variants, repeats, warmup=warmup, synchronize=synchronizer(device))
+    auto_median = statistics.median(times[auto_name])
     return {"arch": arch, "batch_size": batch_size, "device": str(device), "precision": auto,
             "rows": summarise(times, batch_size, "torchvision_fp32"),
-            "ratio_auto_vs_torchvision_fp32":
-                statistics.median(times["torchvision_fp32"]) / statistics.median(times[auto_name])}
+            "ratio_auto_vs_torchvision_fp32": statistics.median(times["torchvision_fp32"]) / auto_median,
+            "ratio_auto_vs_torchvision_autocast": statistics.median(times[f"torchvision_{amp}_autocast"]) / auto_median}
 
 
 def _int8_copy(model, calibration_images: list[torch.Tensor]):
     """An int8 inference copy of ``model`` calibrated on ``calibration_images``; ``model`` stays fp32."""
-    import copy
-
     from ssd_core.quantize import calibrate
 
     calibrated = copy.deepcopy(model)
@@ -272,14 +271,10 @@ def _int8_copy(model, calibration_images: list[torch.Tensor]):
 
 
 def _clone_with_precision(model, precision: str):
-    import copy
-
     return copy.deepcopy(model).set_precision(precision)
 
 
 def _clone_channels_last(model):
-    import copy
-
     return copy.deepcopy(model).to(memory_format=torch.channels_last)
 
 

@@ -115,6 +115,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     max_steps: int | None = None  # stop (with a checkpoint) after this many steps in total, like a preemption
     time_budget_s: float | None = None  # stop training after this much training time; the schedule spans it
+    train_steps: int | None = None  # stop after this many steps in total; the schedule spans them (not epochs)
     log_every: int = 10  # steps between metrics.jsonl train records
     loader_probe_batches: int = 5  # batches timed to log loader throughput once per run; 0: skip
     model: dict[str, Any] = field(default_factory=dict)  # SSDConfig overrides, e.g. {"size": [256, 256]}
@@ -184,6 +185,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.train_steps is not None and self.train_steps < 1:
+            raise ValueError(f"train_steps must be >= 1, got {self.train_steps}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.schedule not in (None, *SCHEDULES):
@@ -488,7 +491,8 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """Train over the rest of epoch `epoch` (from `state.batch_in_epoch`), updating `state` per step.
 
-    Stops early at `config.max_steps` / `config.time_budget_s` (setting `state.stop_reason`).
+    Stops early at `config.max_steps` / `config.time_budget_s` / `config.train_steps` (setting
+    `state.stop_reason`).
     `on_log(record)` receives a train record every `config.log_every` steps; `on_step(state)` runs
     after every step (periodic checkpoints). Returns the epoch's mean losses and images/s.
     """
@@ -550,6 +554,8 @@ def train_one_epoch(
                 state.stop_reason = "max_steps"
             elif config.time_budget_s is not None and state.train_time_s >= config.time_budget_s:
                 state.stop_reason = "time_budget"
+            elif config.train_steps is not None and state.step >= config.train_steps:
+                state.stop_reason = "train_steps"
             if on_step is not None:
                 stopwatch.stop()
                 on_step(state)
@@ -747,7 +753,7 @@ def training_checkpoint(
 
 
 def fit(config: TrainConfig, runtime: Runtime | None = None) -> dict[str, Any]:
-    """Train `config` to the end (or to max_steps / the time budget), evaluating every `eval_every`
+    """Train `config` to the end (or to max_steps / train_steps / the time budget), evaluating every `eval_every`
     epochs and after the last; returns the final metrics (12 COCO metrics, losses, counters, paths)."""
     runtime = runtime or Runtime(config.output, device=config.device, resume=config.resume)
     config = config.resolved(runtime.world_size)
@@ -800,7 +806,7 @@ def fit(config: TrainConfig, runtime: Runtime | None = None) -> dict[str, Any]:
     if config.time_budget_s is not None:
         progress = lambda _step: stopwatch.elapsed() / config.time_budget_s  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(
-        total_steps=config.epochs * steps_per_epoch, warmup_iters=warmup, warmup_factor=config.warmup_factor,
+        total_steps=config.train_steps or config.epochs * steps_per_epoch, warmup_iters=warmup, warmup_factor=config.warmup_factor,
         schedule=config.schedule, milestones=[m / config.epochs for m in config.milestones], gamma=config.gamma,
         progress=progress,
     ))
@@ -867,8 +873,8 @@ def fit(config: TrainConfig, runtime: Runtime | None = None) -> dict[str, Any]:
         runtime.report({"epoch": epoch, "step": state.step, **last_summary,
                         **{k: v for k, v in (last_eval or {}).items() if k != "per_class_AP"}})
 
-    if state.stop_reason == "time_budget" and runtime.is_main and state.batch_in_epoch:
-        # A time-budgeted run ends mid-epoch; it still gets its final evaluation.
+    if state.stop_reason in ("time_budget", "train_steps") and runtime.is_main and state.batch_in_epoch:
+        # A run of a time budget or a step count ends mid-epoch; it still gets its final evaluation.
         last_eval = evaluate(model, val_set, runtime, batch_size=config.eval_batch_size, workers=config.workers,
                              max_images=config.eval_max_images, progress=config.progress)
         log_record({"kind": "eval", "epoch": state.epoch, "step": state.step,

@@ -40,8 +40,11 @@ def test_bench_infer_reports_every_variant_and_consistent_ratios():
 
 def test_bench_train_steps_every_variant():
     result = bench_train(ARCH, batch_size=2, repeats=1, height=96, width=128)  # BatchNorm needs 2 samples
-    assert {row["variant"] for row in result["rows"]} >= {"torchvision_fp32", "ssd_core_fp32"}
-    assert result["ratio_auto_vs_torchvision_fp32"] > 0
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) >= {"torchvision_fp32", "torchvision_bf16_autocast", "ssd_core_fp32"}
+    auto = next(name for name in rows if name.startswith("ssd_core_auto"))
+    assert result["ratio_auto_vs_torchvision_autocast"] == pytest.approx(
+        rows["torchvision_bf16_autocast"]["median_s"] / rows[auto]["median_s"])
 
 
 @pytest.mark.slow

@@ -217,3 +217,30 @@ def test_bf16_runs_and_stays_close_to_fp32():
         model(list(batch.clamp(0, 1)))
 
 
+
+
+def test_slow_bf16_depthwise_convolutions_train_in_fp32():
+    """SSDLite's strided and 5x5 depthwise convolutions run in fp32 when they train under bf16 autocast
+    (their gradients then match a plain fp32 convolution's) and stay bf16 for inference; 3x3 stride-1
+    depthwise and pointwise convolutions stay bf16 throughout."""
+    import torch.nn.functional as F
+
+    from ssd_core.backbones.mobilenet import Fp32GradDepthwiseConv2d
+
+    model = build_model("ssdlite320_mobilenet_v3_large", num_classes=3, size=(96, 96))
+    chosen = [m for m in model.modules() if isinstance(m, Fp32GradDepthwiseConv2d)]
+    depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert chosen and all(max(m.stride) > 1 or max(m.kernel_size) > 3 for m in chosen)
+    assert all(max(m.stride) == 1 and max(m.kernel_size) == 3 for m in depthwise if m not in chosen)
+    conv = next(m for m in chosen if m.kernel_size == (5, 5) and m.stride == (2, 2))
+    x = torch.randn(2, conv.in_channels, 12, 12, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    assert y.dtype == torch.float32
+    (grad_w,) = torch.autograd.grad(y.square().sum(), conv.weight)
+    weight = conv.weight.detach().requires_grad_()
+    reference = F.conv2d(x.detach().float(), weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    (expected,) = torch.autograd.grad(reference.square().sum(), weight)
+    torch.testing.assert_close(grad_w, expected, rtol=1e-4, atol=1e-4)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(x.detach()).dtype == torch.bfloat16

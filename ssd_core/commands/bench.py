@@ -102,6 +102,7 @@ def _run_train(args: argparse.Namespace) -> int:
                          height=args.height, width=args.width, device=resolve_device(args.device))
     print(f"# training step, {args.arch}, batch {args.batch_size}, {result['device']}, medians of {args.repeats}")
     print(format_rows(result["rows"]))
-    print(f"ssd_core auto vs torchvision fp32: {result['ratio_auto_vs_torchvision_fp32']:.2f}x")
+    print(f"ssd_core auto vs torchvision fp32:          {result['ratio_auto_vs_torchvision_fp32']:.2f}x")
+    print(f"ssd_core auto vs torchvision autocast:      {result['ratio_auto_vs_torchvision_autocast']:.2f}x")
     _emit(result, args.json)
     return 0

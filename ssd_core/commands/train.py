@@ -56,7 +56,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0: no clipping)")
     parser.add_argument("--precision", choices=list(TRAINING_PRECISIONS), default=None,
                         help="auto: bf16 on CPUs with AMX/AVX512-BF16 and on CUDA (fp16 where bf16 is missing)")
-    parser.add_argument("--augment", choices=["ssd", "ssdlite", "none"], default=None)
+    parser.add_argument("--augment", choices=["ssd", "ssdlite", "flip", "none"], default=None,
+                        help="ssd: photometric, zoom-out, IoU crop, flip; ssdlite: IoU crop, flip; flip: flip only")
     parser.add_argument("--size", type=_size, default=None, metavar="N|HxW", help="model input size override")
     parser.add_argument("--loader-workers", type=int, default=None, metavar="K", help="data loader processes")
     parser.add_argument("--seed", type=int, default=None)

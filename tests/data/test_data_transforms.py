@@ -38,7 +38,7 @@ def _red_extent(image: torch.Tensor) -> list[float]:
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
-@pytest.mark.parametrize("name", ["ssd", "ssdlite", "none"])
+@pytest.mark.parametrize("name", ["ssd", "ssdlite", "flip", "none"])
 def test_boxes_stay_inside_image_and_target_passes_through(name):
     preset = build_preset(name)
     for seed in range(30):
@@ -72,6 +72,19 @@ def test_ssdlite_boxes_follow_the_object_and_flip_mirrors():
                 assert box == pytest.approx(RED_BOX)
                 seen_unflipped = True
     assert seen_flipped and seen_unflipped
+
+
+def test_flip_preset_only_mirrors():
+    mirrored = [WIDTH - RED_BOX[2], RED_BOX[1], WIDTH - RED_BOX[0], RED_BOX[3]]
+    seen = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        image, target = build_preset("flip")(*_sample())
+        assert image.shape[-2:] == (HEIGHT, WIDTH)
+        box = target["boxes"][0].tolist()
+        assert box == pytest.approx(_red_extent(image))
+        seen.add("flipped" if box == pytest.approx(mirrored) else "kept")
+    assert seen == {"flipped", "kept"}
 
 
 def test_ssd_zoom_out_fills_with_mean_pixel_and_keeps_box_on_object():
