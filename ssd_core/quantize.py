@@ -99,9 +99,12 @@ def _prepare(model: SSD) -> torch.fx.GraphModule:
 
     from torch.ao.quantization.quantize_fx import prepare_fx
 
+    from ssd_core.backbones.mobilenet import plain_depthwise
+
     _check_backend()
     float_model = model.source_model if getattr(model, "inference_optimized", False) else model
     network = copy.deepcopy(Network(float_model.backbone, float_model.head)).eval().float().requires_grad_(False)
+    plain_depthwise(network)  # training's fp32-under-autocast depthwise convolutions: plain ones to trace
     example = torch.zeros(1, 3, *model.size).contiguous(memory_format=torch.channels_last)
     with _quiet():
         return prepare_fx(network, qconfig_mapping(float_model), example_inputs=(example,))

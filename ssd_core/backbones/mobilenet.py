@@ -50,6 +50,15 @@ def use_fp32_grad_depthwise(module: nn.Module) -> nn.Module:
     return module
 
 
+def plain_depthwise(module: nn.Module) -> nn.Module:
+    """Undo `use_fp32_grad_depthwise` in `module` (for graph tracing and quantization, which need plain
+    nn.Conv2d modules); returns `module`."""
+    for conv in module.modules():
+        if type(conv) is Fp32GradDepthwiseConv2d:
+            conv.__class__ = nn.Conv2d
+    return module
+
+
 def stage_starts(features: nn.Sequential) -> list[int]:
     """Indices of the first block and of every strided block, plus the last layer."""
     strided = [
