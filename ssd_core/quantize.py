@@ -1,14 +1,13 @@
 """Post-training int8 quantization for CPU inference, with PyTorch's FX graph mode and its x86 backend.
 
-What is quantized: backbone and head, traced as one graph (`Network`); convolutions (BatchNorm folded,
-ReLU/ReLU6/Hardswish fused where the backend fuses them), additions, the SE blocks' multiplications
-and pooling run in int8, with per-channel symmetric int8 weights and per-tensor uint8 activations whose
-ranges are calibrated on training images (histogram observer: the range that minimises the
-quantization error). Kept in higher precision: the input quantization and everything after the
-head's last convolutions (the concatenation of their outputs across feature maps, anchors, box decoding,
-NMS, rescaling: fp32), and in SSD300/512-VGG16 the L2
-normalisation of conv4_3 with its learned per-channel scale (fp32: one scale for all 512 channels of
-`scale_weight` would round them together).
+What is quantized: backbone and head, traced as one graph (`Network`). Convolutions (BatchNorm folded,
+ReLU fused), ReLU6, Hardswish, additions, the SE blocks' pooling and multiplications run in int8, with
+per-channel symmetric int8 weights and per-tensor uint8 activations whose ranges are calibrated on
+training images (histogram observer: the range that minimises the quantization error). Kept in fp32:
+the input until its quantization; each predictor's output from its last convolution on (dequantized
+with its own scale, then laid out and concatenated across feature maps), anchors, box decoding, NMS and
+rescaling; and in SSD300/512-VGG16 the L2 normalisation of conv4_3 with its learned per-channel scale
+(one 8-bit scale for the 512 values of `scale_weight` would round them together).
 
 A calibrated model carries `int8_state`, the quantized graph's state_dict (int8 weights, the
 activations' scales and zero points); checkpoints store it beside the fp32 weights, and

@@ -27,12 +27,13 @@ def test_alternate_interleaves_the_variants():
 
 
 def test_bench_infer_reports_every_variant_and_consistent_ratios():
-    result = bench_infer(ARCH, batch_size=1, repeats=1, height=96, width=128)
+    result = bench_infer(ARCH, batch_size=1, repeats=1, height=96, width=128, int8=True)
     rows = {row["variant"]: row for row in result["rows"]}
-    assert set(rows) >= {"torchvision_fp32", "torchvision_bf16_autocast", "ssd_core_fp32"}
+    assert set(rows) >= {"torchvision_fp32", "torchvision_bf16_autocast", "ssd_core_fp32", "ssd_core_int8"}
     (auto,) = [name for name in rows if name.startswith("ssd_core_auto(")]
     assert result["ratio_auto_vs_torchvision_fp32"] == pytest.approx(
         rows["torchvision_fp32"]["median_s"] / rows[auto]["median_s"])
+    assert result["ratio_int8_vs_auto"] == pytest.approx(rows[auto]["median_s"] / rows["ssd_core_int8"]["median_s"])
     assert all(row["images_per_s"] == pytest.approx(1 / row["median_s"]) for row in rows.values())
     post = {row["variant"]: row for row in result["postprocess"]["rows"]}
     assert result["postprocess"]["ratio"] == pytest.approx(post["torchvision"]["median_s"] / post["ssd_core"]["median_s"])
