@@ -63,11 +63,11 @@ def test_bench_detect_cli_runs_the_pipeline_model_and_naive_loop(tmp_path, ray_l
                                             "read_decode_resize_per_cpu"))
     assert rates["steady_per_actor"] == pytest.approx(rates["steady"] / result["actors"], rel=1e-2)
     assert result["quarter_images"] == 4
-    # Figures are rounded to 3 decimals, and these tiny runs give ratios of a few hundredths.
-    assert result["quarter_efficiency_vs_model"] == pytest.approx(rates["pipeline_quarter"] / rates["model_only"],
-                                                                  rel=1e-2, abs=1e-3)
-    assert result["efficiency_vs_model"] == pytest.approx(rates["pipeline"] / rates["model_only"], rel=1e-2)
-    assert result["speedup_vs_naive"] == pytest.approx(rates["pipeline"] / rates["naive"], rel=1e-2)
+    # Ratios are rounded to 3 decimals (up to 5e-4 off), and these tiny runs give ratios of a few hundredths.
+    for ratio, num, den in (("quarter_efficiency_vs_model", "pipeline_quarter", "model_only"),
+                            ("efficiency_vs_model", "pipeline", "model_only"),
+                            ("speedup_vs_naive", "pipeline", "naive")):
+        assert result[ratio] == pytest.approx(rates[num] / rates[den], rel=1e-2, abs=1e-3), ratio
     ledger = read_ledger(str(tmp_path / "work" / "out-0"))
     assert ledger.num_rows == 16 and set(ledger["status"].to_pylist()) == {"ok"}
     assert len(list((tmp_path / "work" / "naive-0").glob("*.json"))) == 2
