@@ -23,7 +23,7 @@ def train_config(*, arch: str, data: str, output: str, epochs: int, batch_size: 
     """A TrainConfig from the flow's parameters; ``options`` holds any other TrainConfig field
     (``lr``, ``precision``, ``time_budget_s``, ``max_steps_per_epoch``, ``workers`` for loader
     processes...). ``size`` ([H, W] or [S]) overrides the model's input size."""
-    from ssd_core.engine import TrainConfig
+    from ssd_core.train_config import TrainConfig
 
     values: dict[str, Any] = {**(options or {}), "arch": arch, "data": data, "output": output,
                               "epochs": epochs, "batch_size": batch_size, "resume": resume, "weights": weights,
@@ -40,7 +40,7 @@ def train_config(*, arch: str, data: str, output: str, epochs: int, batch_size: 
 def run_training(config_dict: dict[str, Any], workers: int, gpu: bool, cpus_per_worker: int | None,
                  max_failures: int) -> dict[str, Any]:
     from ssd_core.distributed import fit_distributed
-    from ssd_core.engine import TrainConfig
+    from ssd_core.train_config import TrainConfig
 
     resources = {"CPU": cpus_per_worker} if cpus_per_worker else None
     return fit_distributed(TrainConfig.from_dict(config_dict), num_workers=workers, use_gpu=gpu,

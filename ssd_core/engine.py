@@ -2,38 +2,28 @@
 
 Everything that depends on where the loop runs sits behind `Runtime` (device, rank, model wrapping,
 loader sharding, checkpoint storage, metric reporting); `ssd_core.distributed` subclasses it for Ray
-Train and calls the same `fit`.
+Train and calls the same `fit`. The run's settings are a `TrainConfig` (ssd_core.train_config), its
+batches come from ssd_core.sampling, its files from ssd_core.runs.
 
-Reproducibility. The batches of an epoch are a function of (seed, epoch) alone: `EpochSampler`
-draws the permutation from them and hands each index to the dataset together with a per-sample seed
-that `SeededSamples` uses for that sample's augmentation. So a resumed run skips the batches already
-done and sees exactly the remaining ones, whatever the number of loader workers. The LR schedule is
-per iteration, and a checkpoint holds model, optimizer, scheduler, scaler, counters and RNG states:
-a run stopped mid-epoch and resumed ends with the weights of an uninterrupted run.
-
-Defaults (`RECIPES`) follow the anchors' recipes (torchvision's references/detection for SSD300/512
-and SSDLite, NVIDIA's for SSD300-ResNet50): SGD with momentum 0.9, linear warm-up, multistep or
-cosine decay, the anchors' weight decay (none on norm and bias parameters), and the learning rate
-scaled linearly with the total batch size. Schedules are fractions of the run, so a 5-epoch run
-decays where a 120-epoch one would, and warm-up is capped at one epoch.
+Reproducibility. The batches of an epoch are a function of (seed, epoch) alone (ssd_core.sampling),
+the LR schedule is per iteration, and a checkpoint holds model, optimizer, scheduler, scaler, counters
+and RNG states: a run stopped mid-epoch and resumed ends with the weights of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import math
-import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from ssd_core.checkpoint import (
     CHECKPOINT_VERSION,
@@ -42,162 +32,15 @@ from ssd_core.checkpoint import (
     restore_rng_state,
     write_checkpoint,
 )
-from ssd_core.precision import check_trainable, resolve_device
-from ssd_core.storage import atomic_write_bytes, exists, is_s3, join_uri
+from ssd_core.precision import resolve_device
+from ssd_core.runs import MetricsLog, claim_run_folder, write_curves, write_json
+from ssd_core.sampling import epoch_sampler, make_train_loader, probe_loader, steps_in_epoch
+from ssd_core.storage import exists, join_uri
+from ssd_core.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("multistep", "cosine")
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
-
-
-# -- configuration -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """An architecture's training defaults. `lr_per_32`: learning rate for a total batch of 32
-    images (scaled linearly with the batch); `milestones`: fractions of the run (multistep)."""
-
-    lr_per_32: float
-    weight_decay: float
-    schedule: str
-    milestones: tuple[float, ...]
-    warmup_iters: int
-    augment: str
-
-
-# torchvision: SSD300 lr 0.002 at 4 x 8 GPUs, wd 5e-4, steps at epochs 80 and 110 of 120, 1000 warm-up
-# iterations. NVIDIA SSD300-ResNet50: lr 2.6e-3 per 32, wd 5e-4, 300 warm-up iterations, steps at 43 and
-# 54 of 65. torchvision SSDLite: lr 0.15 at 24 x 8 GPUs (0.025 per 32), wd 4e-5, cosine over 600 epochs;
-# for short from-scratch runs we use 0.1 per 32: at 0.025 a few-epoch run has barely started (measured
-# with `ssd bench learn`, see ssd_core/learn.py).
-RECIPES: dict[str, Recipe] = {
-    "ssd300_vgg16": Recipe(0.002, 5e-4, "multistep", (80 / 120, 110 / 120), 1000, "ssd"),
-    "ssd512_vgg16": Recipe(0.002, 5e-4, "multistep", (80 / 120, 110 / 120), 1000, "ssd"),
-    "ssd300_resnet50": Recipe(2.6e-3, 5e-4, "multistep", (43 / 65, 54 / 65), 300, "ssd"),
-    "ssdlite320_mobilenet_v3_large": Recipe(0.1, 4e-5, "cosine", (), 1000, "ssdlite"),
-    "ssdlite300_mobilenet_v2": Recipe(0.1, 4e-5, "cosine", (), 1000, "ssdlite"),
-}
-
-
-@dataclass
-class TrainConfig:
-    """A training run. Fields left None take the architecture's `RECIPES` entry (see `resolved`)."""
-
-    arch: str = "ssdlite320_mobilenet_v3_large"
-    data: str = ""  # dataset root: the project's layout or COCO 2017's (see ssd_core.data.coco)
-    # Explicit split locations (local or s3://), each pair instead of `data`'s layout for its split.
-    train_images: str | None = None
-    train_annotations: str | None = None
-    val_images: str | None = None
-    val_annotations: str | None = None
-    output: str = "runs/ssd"
-    epochs: int = 10
-    batch_size: int = 16  # per worker
-    lr: float | None = None  # total-batch learning rate; None: recipe lr_per_32 * total batch / 32
-    momentum: float = 0.9
-    weight_decay: float | None = None
-    warmup_iters: int | None = None  # None: the recipe's, capped at one epoch
-    warmup_factor: float = 0.001
-    schedule: str | None = None  # multistep | cosine
-    milestones: list[int] | None = None  # epochs (multistep); None: the recipe's fractions of `epochs`
-    gamma: float = 0.1
-    grad_clip: float | None = 10.0  # max global gradient norm; None: no clipping
-    precision: str = "auto"  # fp32 | bf16 | fp16 | auto (see ssd_core.precision; int8 is for inference only)
-    workers: int = 2  # loader processes per training worker
-    seed: int = 0
-    augment: str | None = None  # ssd | ssdlite | none
-    checkpoint_every: int = 0  # steps; 0: at the end of every epoch only
-    eval_every: int = 1  # epochs; 0: only after the last epoch
-    eval_batch_size: int = 16
-    eval_max_images: int | None = None
-    max_steps_per_epoch: int | None = None
-    max_steps: int | None = None  # stop (with a checkpoint) after this many steps in total, like a preemption
-    time_budget_s: float | None = None  # stop training after this much training time; the schedule spans it
-    train_steps: int | None = None  # stop after this many steps in total; the schedule spans them (not epochs)
-    log_every: int = 10  # steps between metrics.jsonl train records
-    loader_probe_batches: int = 5  # batches timed to log loader throughput once per run; 0: skip
-    model: dict[str, Any] = field(default_factory=dict)  # SSDConfig overrides, e.g. {"size": [256, 256]}
-    # Starting point (ssd_core.weights specs: registry name, path, s3:// or https:// URL). `weights`: a
-    # detector to fine-tune (other classes re-initialise its classification head); else the backbone
-    # `weights_backbone` ("DEFAULT": the architecture's ImageNet backbone; None or "none": from scratch).
-    weights: str | None = None
-    weights_backbone: str | None = "DEFAULT"
-    trainable_backbone_layers: int | None = None  # None: all from scratch; pretrained VGG/ResNet 4, MobileNets 6
-    device: str = "auto"  # cpu | cuda | auto
-    threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
-    resume: bool = False
-    overwrite: bool = False  # start afresh in a run folder that already holds a run (its files are deleted)
-    strict: bool = False  # fail on a missing or undecodable training image instead of skipping it
-    tensorboard: bool = True  # event files in RUN_DIR/tensorboard (MLflow: set MLFLOW_TRACKING_URI)
-    progress: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))  # tuples -> lists: what JSON and weights_only hold
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown training options: {', '.join(sorted(unknown))}")
-        return cls(**values)
-
-    def resolved(self, world_size: int = 1) -> TrainConfig:
-        """A copy with every recipe default filled in and the values checked."""
-        if self.arch not in RECIPES:
-            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(RECIPES)}")
-        recipe = RECIPES[self.arch]
-        values = self.to_dict()
-        if values["lr"] is None:
-            values["lr"] = recipe.lr_per_32 * self.batch_size * world_size / 32
-        if values["weight_decay"] is None:
-            values["weight_decay"] = recipe.weight_decay
-        if values["schedule"] is None:
-            values["schedule"] = recipe.schedule
-        if values["augment"] is None:
-            values["augment"] = recipe.augment
-        if values["milestones"] is None:
-            values["milestones"] = sorted({max(1, round(f * self.epochs)) for f in recipe.milestones})
-        if values["warmup_iters"] is None:
-            values["warmup_iters"] = recipe.warmup_iters  # capped at one epoch once its length is known
-        for name in ("weights", "weights_backbone"):
-            if isinstance(values[name], str) and values[name].strip().lower() in ("", "none"):
-                values[name] = None
-        config = TrainConfig.from_dict(values)
-        config.validate()
-        return config
-
-    def split_location(self, split: str) -> tuple[str | None, str | None]:
-        """(images, annotations) given explicitly for `split` ("train" or "val"), else (None, None)."""
-        return getattr(self, f"{split}_images"), getattr(self, f"{split}_annotations")
-
-    def validate(self) -> None:
-        for split in ("train", "val"):
-            images, annotations = self.split_location(split)
-            if (images is None) != (annotations is None):
-                raise ValueError(f"--{split}-images and --{split}-annotations go together; got only "
-                                 f"{'--' + split + '-images' if images else '--' + split + '-annotations'}")
-            if images is None and not self.data:
-                raise ValueError(f"data: a dataset directory (local or s3://) is required, or --{split}-images "
-                                 f"and --{split}-annotations")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.train_steps is not None and self.train_steps < 1:
-            raise ValueError(f"train_steps must be >= 1, got {self.train_steps}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.schedule not in (None, *SCHEDULES):
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.workers < 0:
-            raise ValueError(f"workers (loader processes) must be >= 0, got {self.workers}")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
-        check_trainable(self.precision)
-        if self.resume and self.overwrite:
-            raise ValueError("resume and overwrite exclude each other: continue the run or replace it")
 
 
 # -- where the loop runs ---------------------------------------------------------------------------
@@ -260,138 +103,6 @@ class Runtime:
     def sum_over_ranks(self, value: int) -> int:
         """`value` summed over all ranks; a collective, so every rank calls it at the same step."""
         return value
-
-
-# Files a run writes into RUN_DIR ("ray": Ray Train's default checkpoint storage); a folder with one of
-# RUN_MARKERS already holds a run.
-RUN_MARKERS = ("last.pt", "metrics.jsonl")
-RUN_FILES = (*RUN_MARKERS, "best.pt", "config.json", "curves.png", "tensorboard", "mlflow.json", "ray")
-
-
-def claim_run_folder(output: str, *, resume: bool, overwrite: bool, also: Sequence[str] = ()) -> None:
-    """Make `output` ready for a run. A folder that already holds one (last.pt or metrics.jsonl, or any
-    of the `also` locations, e.g. Ray's checkpoints of the run) is refused unless `resume` (continue it)
-    or `overwrite` (delete that run's files, then start afresh); other files in the folder are kept."""
-    if resume:
-        return
-    found = [name for name in RUN_MARKERS if exists(join_uri(output, name))] + [uri for uri in also if exists(uri)]
-    if not found:
-        return
-    if not overwrite:
-        raise ValueError(f"{output} already holds a run ({', '.join(found)}); pass --resume to continue it "
-                         "or --overwrite to replace it")
-    from ssd_core.storage import remove
-
-    for uri in [join_uri(output, name) for name in RUN_FILES] + list(also):
-        if remove(uri):
-            log.info("--overwrite: deleted %s", uri)
-
-
-# -- data: reproducible, resumable batches ---------------------------------------------------------
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of one sample in one epoch (independent of batch and worker layout)."""
-    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63 - 1)
-
-
-class EpochSampler(Sampler[tuple[int, int]]):
-    """Yields (augmentation seed, dataset index) for one epoch of one rank.
-
-    The order is a permutation drawn from (seed, epoch) (identity when not shuffling), padded to a
-    multiple of `world_size` and dealt out rank::world_size like DistributedSampler; `set_epoch(epoch,
-    start)` also skips the first `start` samples of this rank (resuming mid-epoch).
-    """
-
-    def __init__(self, num_samples: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
-        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def order(self) -> Tensor:
-        """Dataset indices of this rank for the current epoch (before skipping `start`)."""
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.num_samples, generator=generator)
-        else:
-            order = torch.arange(self.num_samples)
-        padded = math.ceil(self.num_samples / self.world_size) * self.world_size
-        order = torch.cat([order, order[: padded - self.num_samples]])
-        return order[self.rank :: self.world_size]
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self.order()[self.start :].tolist():
-            yield sample_seed(self.seed, self.epoch, index), index
-
-    def __len__(self) -> int:
-        return max(0, math.ceil(self.num_samples / self.world_size) - self.start)
-
-
-class SeededSamples(Dataset):
-    """`dataset[index]` with torch's RNG seeded per sample (its transforms draw from torch's RNG), so
-    augmentation depends on the (seed, index) key only. The caller's RNG state is left untouched.
-
-    An image that is missing or cannot be decoded (`UnreadableImageError`) is replaced by the next
-    readable one (index + 1, + 2, ...; the same for every run), so batches stay full and DDP ranks stay
-    in step; the replacement's target lists the skipped "path: reason" strings under "skipped_images".
-    `strict` raises instead.
-    """
-
-    max_replacements = 16
-
-    def __init__(self, dataset: Dataset, *, strict: bool = False) -> None:
-        self.dataset = dataset
-        self.strict = strict
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        from ssd_core.data.coco import UnreadableImageError
-
-        seed, index = key
-        skipped: list[str] = []
-        for offset in range(min(self.max_replacements, len(self.dataset))):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                try:
-                    image, target = self.dataset[(index + offset) % len(self.dataset)]
-                except UnreadableImageError as exc:
-                    if self.strict:
-                        raise
-                    skipped.append(str(exc))
-                    continue
-            if skipped:
-                target["skipped_images"] = skipped
-            return image, target
-        raise ValueError(f"{len(skipped)} unreadable images in a row, from dataset index {index}: "
-                         f"{'; '.join(skipped[:3])}")
-
-
-def make_train_loader(
-    dataset: Dataset, batch_size: int, *, workers: int, seed: int, rank: int = 0, world_size: int = 1,
-    strict: bool = False,
-) -> DataLoader:
-    """Loader of full batches (drop_last: BatchNorm and step counts need them) over an `EpochSampler`;
-    its sampler is `loader.batch_sampler.sampler`."""
-    from ssd_core.data.loader import make_loader
-
-    sampler = EpochSampler(len(dataset), seed=seed, rank=rank, world_size=world_size)
-    # Only worker base seeds come from the loader's generator: augmentation is seeded per sample.
-    return make_loader(SeededSamples(dataset, strict=strict), batch_size, workers=workers, seed=seed,
-                       drop_last=True, sampler=sampler)
-
-
-def epoch_sampler(loader: DataLoader) -> EpochSampler:
-    return loader.batch_sampler.sampler
-
-
-def steps_in_epoch(loader: DataLoader, config: TrainConfig) -> int:
-    full = len(epoch_sampler(loader).order()) // config.batch_size
-    return full if config.max_steps_per_epoch is None else min(full, config.max_steps_per_epoch)
 
 
 # -- optimisation ----------------------------------------------------------------------------------
@@ -621,67 +332,6 @@ def evaluate(
     return {**scalar_metrics(metrics), "per_class_AP": metrics["per_class_AP"]}
 
 
-# -- run files ----------------------------------------------------------------------------------------
-
-
-class MetricsLog:
-    """RUN_DIR/metrics.jsonl: one JSON object per line. Local files are appended to; on s3:// the whole
-    (small) file is rewritten, as objects cannot be appended to. On resume, records beyond the resumed
-    step (written after the checkpoint by the interrupted run) are dropped. Every record also goes to the
-    experiment trackers (`ssd_core.tracking`: TensorBoard, MLflow) chosen by `config`; `close(result)`
-    ends them."""
-
-    def __init__(self, output: str, *, resume_step: int | None, config: dict[str, Any] | None = None) -> None:
-        self.path = join_uri(output, "metrics.jsonl")
-        self.records: list[dict[str, Any]] = []
-        if resume_step is not None and exists(self.path):
-            from ssd_core.visualize import read_metrics_jsonl
-
-            self.records = [r for r in read_metrics_jsonl(self.path) if int(r.get("step", 0)) <= resume_step]
-        self._rewrite()
-        self.trackers: list[Any] = []
-        if config is not None:
-            from ssd_core.tracking import trackers_for
-
-            self.trackers = trackers_for(output, config, resume_step=resume_step)
-
-    def close(self, result: dict[str, Any]) -> None:
-        for tracker in self.trackers:
-            tracker.close(result)
-
-    def _rewrite(self) -> None:
-        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in self.records).encode())
-
-    def append(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-        for tracker in self.trackers:
-            tracker.log(record)
-        if is_s3(self.path):
-            self._rewrite()
-            return
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-
-def write_curves(output: str) -> None:
-    """RUN_DIR/curves.png from metrics.jsonl (rendered locally, then copied for s3://)."""
-    import tempfile
-
-    from ssd_core.visualize import plot_training_curves
-
-    metrics_path = join_uri(output, "metrics.jsonl")
-    if not is_s3(output):
-        plot_training_curves(metrics_path, join_uri(output, "curves.png"))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        png = plot_training_curves(metrics_path, os.path.join(tmp, "curves.png"))
-        atomic_write_bytes(join_uri(output, "curves.png"), png.read_bytes())
-
-
-def write_json(uri: str, value: Any) -> None:
-    atomic_write_bytes(uri, (json.dumps(value, indent=2) + "\n").encode())
-
-
 # -- the run ---------------------------------------------------------------------------------------
 
 
@@ -899,22 +549,3 @@ def fit(config: TrainConfig, runtime: Runtime | None = None) -> dict[str, Any]:
     if metrics_log is not None:
         metrics_log.close(result)
     return result
-
-
-def probe_loader(loader: DataLoader, config: TrainConfig) -> float | None:
-    """Loader-only images/s over a few batches of an unused epoch (the sampler is reset afterwards)."""
-    if not config.loader_probe_batches:
-        return None
-    from ssd_core.data import measure_loader_throughput
-
-    sampler = epoch_sampler(loader)
-    saved = (sampler.epoch, sampler.start)
-    sampler.set_epoch(10**6)  # a throw-away epoch: the probe must not touch the run's batches
-    batches = min(config.loader_probe_batches, len(loader) - 1)
-    try:
-        rate = measure_loader_throughput(loader, batches) if batches > 0 else None
-    finally:
-        sampler.set_epoch(*saved)
-    if rate is not None:
-        log.info("loader: %.1f images/s with %d worker(s)", rate, config.workers)
-    return rate

@@ -5,10 +5,10 @@ It needs only what a stock CUDA PyTorch image has (torch, torchvision, numpy, pi
 this package on PYTHONPATH: no Ray, Prefect, DuckDB, pycocotools or fsspec, no pip install, no network
 (random weights, synthetic images). One table on stdout, the same figures in one JSON file:
 
-- inference images/s of each ``--archs`` model (`ssd_core.bench.bench_infer`): torchvision fp32 and under
+- inference images/s of each ``--archs`` model (`ssd_core.bench.speed.bench_infer`): torchvision fp32 and under
   bf16/fp16 autocast + channels_last, beside ours in fp32, in "auto" precision (bf16/fp16 weights in
   channels_last) and that with its network compiled (torch.compile);
-- one training step's images/s (`ssd_core.bench.bench_train`), side by side the same way;
+- one training step's images/s (`ssd_core.bench.speed.bench_train`), side by side the same way;
 - the bulk actor's work on one batch without Ray (`ssd_core.bulk.stages.Detector.detect`): JPEG bytes ->
   ``torchvision.io.decode_jpeg`` on the device -> resize + normalise -> network -> post-processing -> the
   results table, beside the network alone on the same batch.
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in (GPU_DEFAULTS if device.type == "cuda" else DRY_RUN_DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    from ssd_core.bench import TORCHVISION_ARCHS
+    from ssd_core.bench.speed import TORCHVISION_ARCHS
     from ssd_core.zoo import list_models
 
     for arch in [*args.archs.split(","), args.train_arch]:  # side by side with torchvision's own
@@ -112,7 +112,7 @@ def run_checks(args: argparse.Namespace, device) -> dict[str, Any]:
     """Every measurement, in one process; one failing (out of memory, say) is reported, not fatal."""
     import torch
 
-    from ssd_core.bench import bench_infer, bench_train
+    from ssd_core.bench.speed import bench_infer, bench_train
 
     started = time.perf_counter()
     if device.type == "cuda":
@@ -178,7 +178,7 @@ def bench_bulk(arch: str, *, batch_size: int, repeats: int, warmup: int, height:
     import numpy as np
     import torch
 
-    from ssd_core.bench import alternate, summarise, synchronizer, synthetic_jpegs
+    from ssd_core.bench.speed import alternate, summarise, synchronizer, synthetic_jpegs
     from ssd_core.bulk.stages import DetectConfig, Detector, PreprocessSpec, preprocess_contents
     from ssd_core.zoo import read_model_metadata
 
@@ -253,7 +253,7 @@ def describe_device(device) -> dict[str, Any]:
 
 
 def _row(row: dict[str, Any]) -> dict[str, Any]:
-    """A `ssd_core.bench.summarise` row with its anchor ratio under one key."""
+    """A `ssd_core.bench.speed.summarise` row with its anchor ratio under one key."""
     ratio = next(value for key, value in row.items() if key.startswith("speedup_vs_"))
     return {"variant": row["variant"], "images_per_s": round(row["images_per_s"], 3), "median_s": row["median_s"],
             "vs_first": round(ratio, 3), "repeats": row["repeats"]}

@@ -48,8 +48,6 @@ __all__ = [
     "WeightsEntry",
     "WeightsUnavailable",
     "REGISTRY",
-    "DEFAULT_WEIGHTS",
-    "DEFAULT_BACKBONE_WEIGHTS",
     "list_weights",
     "get_weights",
     "is_none",
@@ -166,26 +164,6 @@ REGISTRY: tuple[WeightsEntry, ...] = (
                       _CLASSIFIER_PREPROCESSING),
 )
 
-# What "DEFAULT" means per architecture. ssd512_vgg16 and ssdlite300_mobilenet_v2 have no published
-# COCO weights: backbone only.
-DEFAULT_WEIGHTS: dict[str, str | None] = {
-    "ssd300_vgg16": "ssd300_vgg16.COCO_V1",
-    "ssd512_vgg16": None,
-    "ssd300_resnet50": "ssd300_resnet50.COCO_V1",
-    "ssdlite320_mobilenet_v3_large": "ssdlite320_mobilenet_v3_large.COCO_V1",
-    "ssdlite300_mobilenet_v2": None,
-}
-# The backbone each architecture's training recipe starts from, which is not always the classifier
-# enum's DEFAULT: torchvision's ssd300_vgg16 builder uses VGG16 IMAGENET1K_FEATURES, its detection
-# reference trains SSDLite from MobileNetV3 IMAGENET1K_V1; NVIDIA starts from ResNet-50 V1.
-DEFAULT_BACKBONE_WEIGHTS: dict[str, str] = {
-    "ssd300_vgg16": "vgg16.IMAGENET1K_FEATURES",
-    "ssd512_vgg16": "vgg16.IMAGENET1K_FEATURES",
-    "ssd300_resnet50": "resnet50.IMAGENET1K_V1",
-    "ssdlite320_mobilenet_v3_large": "mobilenet_v3_large.IMAGENET1K_V1",
-    "ssdlite300_mobilenet_v2": "mobilenet_v2.IMAGENET1K_V1",
-}
-
 _BY_NAME = {entry.full_name: entry for entry in REGISTRY}
 
 
@@ -193,7 +171,7 @@ def list_weights(arch: str | None = None) -> list[WeightsEntry]:
     """Registry entries, all or those of one architecture (its detector weights and its backbone's)."""
     if arch is None:
         return list(REGISTRY)
-    backbone = _backbone_of(arch)
+    backbone = _config_of(arch).backbone
     return [e for e in REGISTRY if e.arch in (arch, backbone)]
 
 
@@ -202,12 +180,13 @@ def is_none(spec: Any) -> bool:
     return spec is None or (isinstance(spec, str) and spec.strip() in NONE_SPECS)
 
 
-def _backbone_of(arch: str) -> str:
+def _config_of(arch: str) -> Any:
+    """The architecture's `SSDConfig`: its backbone and what "DEFAULT" means for it live there."""
     from ssd_core.zoo import CONFIGS
 
     if arch not in CONFIGS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(CONFIGS)}")
-    return CONFIGS[arch].backbone
+    return CONFIGS[arch]
 
 
 def _is_location(spec: str) -> bool:
@@ -239,13 +218,14 @@ def get_weights(spec: Any, arch: str | None = None, *, backbone: bool = False) -
         return _checked(_BY_NAME[spec], arch, backbone, spec)
     if arch is None:
         raise ValueError(f"weights {spec!r}: give the architecture, or a full name ({', '.join(_BY_NAME)})")
-    owner = _backbone_of(arch) if backbone else arch
+    config = _config_of(arch)
+    owner = config.backbone if backbone else arch
     if spec.upper() == "DEFAULT":
-        full = (DEFAULT_BACKBONE_WEIGHTS if backbone else DEFAULT_WEIGHTS).get(arch)
+        full = config.default_backbone_weights if backbone else config.default_weights
         if full is None:
             raise ValueError(
                 f"{arch} has no published COCO weights (backbone only): train it with "
-                f"--weights-backbone DEFAULT ({DEFAULT_BACKBONE_WEIGHTS[arch]}), or give a checkpoint path"
+                f"--weights-backbone DEFAULT ({config.default_backbone_weights}), or give a checkpoint path"
             )
         return _BY_NAME[full]
     full = f"{owner}.{spec}"
@@ -258,7 +238,7 @@ def get_weights(spec: Any, arch: str | None = None, *, backbone: bool = False) -
 
 def _checked(entry: WeightsEntry, arch: str | None, backbone: bool, shown: str) -> WeightsEntry:
     if arch is not None:
-        owner = _backbone_of(arch) if backbone else arch
+        owner = _config_of(arch).backbone if backbone else arch
         if entry.arch != owner:
             what = f"{arch}'s backbone ({owner})" if backbone else arch
             raise ValueError(f"weights {shown} are for {entry.arch}, not {what}")

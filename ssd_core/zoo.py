@@ -32,8 +32,34 @@ COCO_81_NAMES: list[str] = ["__background__"] + [n for n in _COCO_CATEGORIES[1:]
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """An architecture's training defaults. `lr_per_32`: learning rate for a total batch of 32
+    images (scaled linearly with the batch); `milestones`: fractions of the run (multistep)."""
+
+    lr_per_32: float
+    weight_decay: float
+    schedule: str
+    milestones: tuple[float, ...]
+    warmup_iters: int
+    augment: str
+
+
+# torchvision: SSD300 lr 0.002 at 4 x 8 GPUs, wd 5e-4, steps at epochs 80 and 110 of 120, 1000 warm-up
+# iterations. NVIDIA SSD300-ResNet50: lr 2.6e-3 per 32, wd 5e-4, 300 warm-up iterations, steps at 43 and
+# 54 of 65. torchvision SSDLite: lr 0.15 at 24 x 8 GPUs (0.025 per 32), wd 4e-5, cosine over 600 epochs;
+# for short from-scratch runs we use 0.1 per 32: at 0.025 a few-epoch run has barely started (measured
+# with `ssd bench learn`, docs/training.md).
+VGG_RECIPE = Recipe(0.002, 5e-4, "multistep", (80 / 120, 110 / 120), 1000, "ssd")
+NVIDIA_RECIPE = Recipe(2.6e-3, 5e-4, "multistep", (43 / 65, 54 / 65), 300, "ssd")
+SSDLITE_RECIPE = Recipe(0.1, 4e-5, "cosine", (), 1000, "ssdlite")
+
+
+@dataclass(frozen=True)
 class SSDConfig:
-    """Everything that defines a variant. Builders fill it in; `build_model(**overrides)` edits it."""
+    """Everything that defines a variant, and everything else keyed by it: its training `recipe`
+    (`TrainConfig` defaults), the weights "DEFAULT" names (`ssd_core.weights` registry names; None:
+    no published detector) and the torchvision builder it is compared with (None: torchvision has none).
+    Builders fill it in; `build_model(**overrides)` edits its model fields (`MODEL_OPTIONS`)."""
 
     arch: str
     size: tuple[int, int]
@@ -56,6 +82,15 @@ class SSDConfig:
     max_trainable_layers: int = 5
     reduced_tail: bool | None = None  # MobileNetV3 only; None: reduced unless its backbone is pretrained
     extras: dict[str, Any] = field(default_factory=dict)
+    recipe: Recipe = SSDLITE_RECIPE
+    default_weights: str | None = None
+    default_backbone_weights: str | None = None
+    torchvision_builder: str | None = None
+
+
+# The fields a checkpoint or `build_model(**overrides)` may change: the model's, not the registry's.
+MODEL_OPTIONS = frozenset(SSDConfig.__dataclass_fields__) - {
+    "arch", "recipe", "default_weights", "default_backbone_weights", "torchvision_builder"}
 
 
 # -- the variants ---------------------------------------------------------------------------------
@@ -71,6 +106,11 @@ SSD300_VGG16 = SSDConfig(
     image_mean=(0.48235, 0.45882, 0.40784),
     image_std=(1.0 / 255.0, 1.0 / 255.0, 1.0 / 255.0),
     extra_spec=((256, 512, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 3, 1, 0), (128, 256, 3, 1, 0)),
+    recipe=VGG_RECIPE,
+    default_weights="ssd300_vgg16.COCO_V1",
+    # torchvision's ssd300_vgg16 builder starts from VGG16 IMAGENET1K_FEATURES, not VGG16's DEFAULT.
+    default_backbone_weights="vgg16.IMAGENET1K_FEATURES",
+    torchvision_builder="ssd300_vgg16",
 )
 
 # The official SSD512 COCO tiling: maps 64..1, min sizes 20.48..460.8 px, 24,564 default boxes.
@@ -84,6 +124,8 @@ SSD512_VGG16 = replace(
     extra_spec=(
         (256, 512, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 4, 1, 1),
     ),
+    default_weights=None,  # no published COCO weights: backbone only
+    torchvision_builder=None,
 )
 
 # NVIDIA DeepLearningExamples SSD300 v1.1: scales 21..315 px, ImageNet normalisation.
@@ -95,6 +137,9 @@ SSD300_RESNET50 = SSDConfig(
     scales=(21 / 300, 45 / 300, 99 / 300, 153 / 300, 207 / 300, 261 / 300, 315 / 300),
     steps=(8, 16, 32, 64, 100, 300),
     extra_spec=((256, 512, 2, 1), (256, 512, 2, 1), (128, 256, 2, 1), (128, 256, 1, 0), (128, 256, 1, 0)),
+    recipe=NVIDIA_RECIPE,
+    default_weights="ssd300_resnet50.COCO_V1",
+    default_backbone_weights="resnet50.IMAGENET1K_V1",  # NVIDIA starts from ResNet-50 V1
 )
 
 # torchvision's SSDlite320 on MobileNetV3-Large.
@@ -113,6 +158,11 @@ SSDLITE320_MOBILENET_V3_LARGE = SSDConfig(
     detections_per_img=300,
     topk_candidates=300,
     max_trainable_layers=6,
+    recipe=SSDLITE_RECIPE,
+    default_weights="ssdlite320_mobilenet_v3_large.COCO_V1",
+    # torchvision's detection reference trains SSDLite from MobileNetV3 IMAGENET1K_V1.
+    default_backbone_weights="mobilenet_v3_large.IMAGENET1K_V1",
+    torchvision_builder="ssdlite320_mobilenet_v3_large",
 )
 
 # SSDLite on MobileNetV2 (MobileNetV2 paper; the small seed project's tiling at 300 px).
@@ -124,6 +174,9 @@ SSDLITE300_MOBILENET_V2 = replace(
     scales=(60 / 300, 105 / 300, 150 / 300, 195 / 300, 240 / 300, 285 / 300, 330 / 300),
     steps=(16, 32, 64, 100, 150, 300),
     max_trainable_layers=6,
+    default_weights=None,  # no published COCO weights: backbone only
+    default_backbone_weights="mobilenet_v2.IMAGENET1K_V1",
+    torchvision_builder=None,
 )
 
 CONFIGS: dict[str, SSDConfig] = {
@@ -258,7 +311,7 @@ def resolve_config(arch: str, overrides: dict[str, Any]) -> SSDConfig:
     if arch not in CONFIGS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(CONFIGS)}")
     config = CONFIGS[arch]
-    unknown = set(overrides) - set(SSDConfig.__dataclass_fields__)
+    unknown = set(overrides) - MODEL_OPTIONS
     if unknown:
         raise ValueError(f"unknown model options for {arch}: {', '.join(sorted(unknown))}")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}

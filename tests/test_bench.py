@@ -13,7 +13,7 @@ import json
 import pytest
 from s3_server import moto_s3, ray_local  # noqa: F401
 
-from ssd_core.bench import alternate, bench_infer, bench_train
+from ssd_core.bench.speed import alternate, bench_infer, bench_train
 from ssd_core.cli import main as cli_main
 
 ARCH = "ssdlite320_mobilenet_v3_large"
@@ -74,11 +74,11 @@ def test_bench_detect_cli_runs_the_pipeline_model_and_naive_loop(tmp_path, ray_l
 
 
 def test_bench_detect_parser_defaults():
-    from ssd_core.commands.bench_detect import register_bench
+    from ssd_core.commands.bench import register
 
     parser = argparse.ArgumentParser()
-    register_bench(parser.add_subparsers(dest="bench"))
-    args = parser.parse_args(["detect"])
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "detect"])
     assert (args.arch, args.batch_size, args.precision) == (ARCH, 16, "auto")
     assert args.images >= 4 * args.batch_size  # the quarter-bucket run needs whole batches
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from s3_server import FAKE_SECRET, moto_s3, s3_bucket  # noqa: F401
 
-from ssd_core import engine
+from ssd_core import engine, sampling
 from ssd_core.distributed import fit_distributed
-from ssd_core.engine import TrainConfig
+from ssd_core.train_config import TrainConfig
 
 pytestmark = pytest.mark.slow
 
@@ -127,9 +127,9 @@ def test_one_ddp_step_matches_one_process_on_the_same_samples(ray_cluster, synth
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     shards = []
     for rank in range(2):
-        loader = engine.make_train_loader(train_set, per_worker, workers=0, seed=resolved.seed, rank=rank,
+        loader = sampling.make_train_loader(train_set, per_worker, workers=0, seed=resolved.seed, rank=rank,
                                           world_size=2)
-        engine.epoch_sampler(loader).set_epoch(0)
+        sampling.epoch_sampler(loader).set_epoch(0)
         shards.append(next(iter(loader)))
     ids = [t["image_id"] for _, targets in shards for t in targets]
     assert len(set(ids)) == 2 * per_worker  # the two workers saw different images
@@ -204,7 +204,7 @@ def test_overwrite_replaces_the_run_and_its_ray_checkpoints(ray_cluster, synth_d
     # (which writes metrics.jsonl) must still count it.
     data = tmp_path / "data"
     shutil.copytree(synth_data, data)
-    index = engine.EpochSampler(16, seed=0, rank=1, world_size=2).order()[0].item()
+    index = sampling.EpochSampler(16, seed=0, rank=1, world_size=2).order()[0].item()
     corrupt = Path(CocoDataset(str(data), "train").image_path(index))
     corrupt.write_bytes(b"\xff\xd8 cut short")
     synth_data = str(data)

@@ -14,16 +14,9 @@ import torch
 from ssd_core.checkpoint import read_checkpoint
 from ssd_core.cli import main
 from ssd_core.data import CocoDataset, build_preset, write_synthetic_dataset
-from ssd_core.engine import (
-    EpochSampler,
-    Runtime,
-    SeededSamples,
-    TrainConfig,
-    fit,
-    lr_factor,
-    parameter_groups,
-    sample_seed,
-)
+from ssd_core.engine import Runtime, fit, lr_factor, parameter_groups
+from ssd_core.sampling import EpochSampler, SeededSamples, sample_seed
+from ssd_core.train_config import TrainConfig
 from ssd_core.zoo import build_model, load_model
 
 ARCH = "ssdlite320_mobilenet_v3_large"

@@ -17,7 +17,8 @@ from torch import nn
 
 from ssd_core import load_model
 from ssd_core.data import write_synthetic_dataset
-from ssd_core.engine import TrainConfig, fit
+from ssd_core.engine import fit
+from ssd_core.train_config import TrainConfig
 
 ARCH = "ssdlite320_mobilenet_v3_large"
 

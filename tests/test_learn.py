@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssd_core import learn as learn_module
-from ssd_core.data import write_synthetic_dataset
-from ssd_core.learn import (
+from ssd_core.bench import learn as learn_module
+from ssd_core.bench.learn import (
     LEARN_RECIPE,
     ablate,
     ablation_table,
     compare_precisions,
     learn,
     parse_variant,
-    register_bench,
     side_by_side,
 )
+from ssd_core.commands.bench import register
+from ssd_core.data import write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -123,17 +123,17 @@ def test_compare_precisions_on_a_checkpoint(tiny_data, tmp_path):
     assert comparison["gap_points"]["AP50"] == pytest.approx(expected)
 
 
-def test_register_bench_adds_learn_with_its_options():
-    parser = argparse.ArgumentParser(prog="ssd bench")
-    register_bench(parser.add_subparsers(dest="bench"))
-    args = parser.parse_args(["learn", "--data", "D", "--output", "R", "--minutes", "2.5", "--size", "192"])
+def test_bench_command_has_learn_with_its_options():
+    parser = argparse.ArgumentParser(prog="ssd")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "learn", "--data", "D", "--output", "R", "--minutes", "2.5", "--size", "192"])
     assert (args.bench, args.data, args.output, args.minutes, args.size) == ("learn", ["D"], "R", 2.5, 192)
     assert callable(args.func)
-    defaults = parser.parse_args(["learn", "--data", "D", "--output", "R"])
+    defaults = parser.parse_args(["bench", "learn", "--data", "D", "--output", "R"])
     assert (defaults.minutes, defaults.steps, defaults.no_anchor, defaults.ablate) == (15.0, None, False, None)
-    ablation = parser.parse_args(["learn", "--data", "A", "B", "--output", "R", "--steps", "200", "--ablate",
+    ablation = parser.parse_args(["bench", "learn", "--data", "A", "B", "--output", "R", "--steps", "200", "--ablate",
                                   "base", "size=224,lr=0.1", "--no-anchor"])
     assert (ablation.data, ablation.steps, ablation.ablate, ablation.no_anchor) == (
         ["A", "B"], 200, ["base", "size=224,lr=0.1"], True)
     with pytest.raises(SystemExit):
-        parser.parse_args(["learn", "--output", "R"])  # --data is required
+        parser.parse_args(["bench", "learn", "--output", "R"])  # --data is required

@@ -44,6 +44,32 @@ def test_smoke_every_architecture(arch):
         assert (det["scores"][:-1] >= det["scores"][1:]).all()
 
 
+@pytest.mark.parametrize("arch", list_models())
+def test_registry_entry_is_complete(arch):
+    """What is keyed by architecture lives on its SSDConfig: a training recipe TrainConfig resolves, the
+    "DEFAULT" weights are registered (and for its own backbone), and torchvision's builder is the
+    architecture of the same name."""
+    from ssd_core.train_config import TrainConfig
+    from ssd_core.weights import get_weights
+    from ssd_core.zoo import CONFIGS
+
+    config = CONFIGS[arch]
+    resolved = TrainConfig(arch=arch, data="d", batch_size=8).resolved(world_size=2)
+    assert resolved.lr == pytest.approx(config.recipe.lr_per_32 * 16 / 32)
+    assert (resolved.schedule, resolved.augment) == (config.recipe.schedule, config.recipe.augment)
+    assert get_weights("DEFAULT", arch, backbone=True).full_name == config.default_backbone_weights
+    assert get_weights(config.default_backbone_weights).arch == config.backbone
+    if config.default_weights is None:
+        with pytest.raises(ValueError, match="no published COCO weights"):
+            get_weights("DEFAULT", arch)
+    else:
+        assert get_weights("DEFAULT", arch).full_name == config.default_weights
+    if config.torchvision_builder is not None:
+        assert config.torchvision_builder in torchvision.models.list_models(torchvision.models.detection)
+    with pytest.raises(ValueError, match="unknown model options"):
+        build_model(arch, recipe=None)
+
+
 @pytest.mark.parametrize(
     "images, targets, message",
     [

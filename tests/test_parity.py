@@ -99,7 +99,8 @@ def test_sgd_steps_match_torchvision():
     """K SGD steps of ssd_core's training step (engine.training_step, parameter groups, warm-up schedule)
     and of a plain torchvision loop, from the same weights on the same batches in fp32: the losses of
     every step and the final weights and BatchNorm statistics agree."""
-    from ssd_core.engine import TrainConfig, lr_factor, parameter_groups, training_step
+    from ssd_core.engine import lr_factor, parameter_groups, training_step
+    from ssd_core.train_config import TrainConfig
 
     size, num_classes, steps, batch_size, lr, weight_decay = 96, 4, 4, 2, 0.02, 4e-5
     torch.manual_seed(0)

@@ -128,7 +128,7 @@ def test_vgg_keeps_the_l2_normalisation_and_its_scale_in_fp32():
 
 
 def test_precision_int8_needs_a_calibrated_model_and_training_refuses_it():
-    from ssd_core.engine import TrainConfig
+    from ssd_core.train_config import TrainConfig
 
     model = _tiny_model()
     with pytest.raises(ValueError, match="ssd quantize"):

@@ -122,3 +122,16 @@ def test_readme_deployment_runs_name_real_deployments_and_parameters():
         parameters = inspect.signature(flows[name].fn).parameters
         for key in re.findall(r"--param (\w+)=", rest):
             assert key in parameters, f"{name} has no parameter {key} (has {sorted(parameters)})"
+
+
+def test_layout_names_every_module_and_only_real_ones():
+    """docs/layout.md has a line for every ssd_core module (sub-commands under `commands/`), and every
+    module it names exists."""
+    layout = (REPO / "docs" / "layout.md").read_text(encoding="utf-8")
+    package = REPO / "ssd_core"
+    modules = [p.relative_to(package) for p in package.rglob("*.py")
+               if p.name != "__init__.py" and p.parent.name != "commands" and "__pycache__" not in p.parts]
+    missing = [str(m) for m in modules if str(m) not in layout and f"`{m.name}`" not in layout]
+    assert not missing, f"docs/layout.md does not mention {missing}"
+    named = set(re.findall(r"`([a-z_/]+\.py)`", layout))
+    assert named and all(list(package.rglob(Path(name).name)) for name in named), named

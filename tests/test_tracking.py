@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from ssd_core.data import write_synthetic_dataset
-from ssd_core.engine import TrainConfig, fit
+from ssd_core.engine import fit
+from ssd_core.train_config import TrainConfig
 
 pytestmark = pytest.mark.slow
 

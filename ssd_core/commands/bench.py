@@ -1,15 +1,11 @@
-"""`ssd bench infer|train|detect|ledger|learn`: side-by-side figures and ratios."""
+"""`ssd bench infer|train|detect|ledger|learn`: the command line of the benchmarks in `ssd_core.bench`."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from pathlib import Path
-
-# Sub-benchmarks owned by other modules: (module, function adding the sub-parser).
-_EXTERNAL = [("ssd_core.commands.bench_detect", "register_bench"), ("ssd_core.commands.bench_ledger", "register_bench"),
-             ("ssd_core.learn", "register_bench")]
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,14 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--steps", type=int, default=4, help="steps per worker count with --workers")
     train.set_defaults(func=_run_train)
 
-    for module_name, function in _EXTERNAL:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        getattr(module, function)(bench)
+    _add_detect(bench)
+    _add_ledger(bench)
+    _add_learn(bench)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
@@ -58,7 +49,7 @@ def _emit(result: dict, path: Path | None) -> None:
 
 
 def _run_infer(args: argparse.Namespace) -> int:
-    from ssd_core.bench import bench_infer, format_rows
+    from ssd_core.bench.speed import bench_infer, format_rows
     from ssd_core.precision import resolve_device
 
     result = bench_infer(args.arch, batch_size=args.batch_size, repeats=args.repeats,
@@ -81,21 +72,19 @@ def _run_infer(args: argparse.Namespace) -> int:
 
 def _run_train(args: argparse.Namespace) -> int:
     if args.workers:
-        try:
-            from ssd_core.distributed import bench_train_workers
-        except ModuleNotFoundError:
-            raise ValueError("Ray training benchmark is not available (ssd_core.distributed missing)") from None
+        from ssd_core.bench.workers import bench_train_workers
+
         if not args.data:
             raise ValueError("--workers needs --data DIR (a COCO-format dataset, e.g. from `ssd data synth`)")
         counts = [int(n) for n in args.workers.split(",")]
         rows = bench_train_workers(args.arch, args.data, worker_counts=counts, steps=args.steps,
                                    batch_size=args.batch_size)
-        from ssd_core.bench import format_rows
+        from ssd_core.bench.speed import format_rows
 
         print(format_rows(rows))
         _emit({"rows": rows}, args.json)
         return 0
-    from ssd_core.bench import bench_train, format_rows
+    from ssd_core.bench.speed import bench_train, format_rows
     from ssd_core.precision import resolve_device
 
     result = bench_train(args.arch, batch_size=args.batch_size, repeats=args.repeats,
@@ -106,3 +95,126 @@ def _run_train(args: argparse.Namespace) -> int:
     print(f"ssd_core auto vs torchvision autocast:      {result['ratio_auto_vs_torchvision_autocast']:.2f}x")
     _emit(result, args.json)
     return 0
+
+
+def _add_detect(bench: argparse._SubParsersAction) -> None:
+    from ssd_core.bench import detect
+
+    defaults = detect.DetectBench()
+    parser = bench.add_parser("detect", help="bulk detection images/s vs the model alone and vs a naive loop",
+                              description=detect.__doc__)
+    parser.add_argument("--arch", default=defaults.arch)
+    parser.add_argument("--images", type=int, default=defaults.images, help="synthetic 640x480 JPEGs in the bucket")
+    parser.add_argument("--model-images", type=int, default=defaults.model_images,
+                        help="images the model-only figure runs on")
+    parser.add_argument("--naive-images", type=int, default=defaults.naive_images,
+                        help="images the naive loop processes per repetition")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--repeats", type=int, default=defaults.repeats,
+                        help="alternating repetitions; medians are reported")
+    parser.add_argument("--score-threshold", type=float, default=defaults.score_threshold)
+    parser.add_argument("--precision", default=defaults.precision, choices=["auto", "fp32", "bf16", "int8"],
+                        help="int8: the weights calibrated (`ssd_core.quantize`) on the bucket's first batch and "
+                        "saved as an int8 checkpoint, which the pipeline and the model-only figure load")
+    parser.add_argument("--work-dir", type=Path, help="where the bucket and outputs go (default: a temp dir)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.set_defaults(func=_run_detect)
+
+
+def _run_detect(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from ssd_core.bench.detect import DetectBench, bench_detect, format_report
+
+    result = bench_detect(DetectBench(**{f.name: getattr(args, f.name) for f in fields(DetectBench)}))
+    print(format_report(result))
+    _emit(result, args.json)
+    return 0
+
+
+def _add_ledger(bench: argparse._SubParsersAction) -> None:
+    from ssd_core.bench import ledger
+
+    parser = bench.add_parser("ledger", help="driver peak RSS and wall time of a nothing-new incremental run at N objects",
+                              description=ledger.__doc__)
+    parser.add_argument("--objects", default="10000,100000,1000000", help="comma-separated bucket sizes")
+    parser.add_argument("--rows-per-file", type=int, default=1024, help="rows per committed ledger file")
+    parser.add_argument("--work-dir", type=Path, help="where manifests and ledgers go (default: a temp dir)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.set_defaults(func=_run_ledger)
+
+
+def _run_ledger(args: argparse.Namespace) -> int:
+    from ssd_core.bench.ledger import bench_ledger, format_report
+
+    rows = bench_ledger([int(n) for n in args.objects.split(",")], args.rows_per_file, args.work_dir)
+    print(format_report(rows))
+    _emit({"rows": rows}, args.json)
+    return 0
+
+
+def _add_learn(bench: argparse._SubParsersAction) -> None:
+    from ssd_core.bench.learn import DEFAULT_ABLATIONS, LEARN_RECIPE, TARGET_AP50
+
+    parser = bench.add_parser(
+        "learn",
+        help="train from scratch on the synthetic set side by side with torchvision's SSDLite recipe",
+        description="Train ssdlite from scratch on a dataset written by `ssd data synth` within a time budget "
+        "(or --steps), evaluate on its val split, then train torchvision's own ssdlite320_mobilenet_v3_large with "
+        "its plain recipe on the same data, budget and threads, and print both and the difference; compare fp32 "
+        "and bf16 evaluation of our checkpoint. Writes RUN_DIR/learn.json next to the usual run files. With "
+        "--ablate, trains one recipe change at a time at --steps on every --data and prints a table.",
+    )
+    parser.add_argument("--data", required=True, nargs="+", metavar="DIR",
+                        help="dataset root (e.g. from `ssd data synth`); several with --ablate")
+    parser.add_argument("--output", required=True, metavar="RUN_DIR")
+    parser.add_argument("--minutes", type=float, default=15.0, help="training time budget of each side "
+                        "(evaluation excluded)")
+    parser.add_argument("--steps", type=int, default=None, help="train this many steps instead of --minutes "
+                        "(both sides; the schedules span them)")
+    parser.add_argument("--recipe", metavar="CHANGES", help="changes to our recipe, key=value,... as for --ablate "
+                        "(e.g. warmup_iters=25,model.min_ratio=0.1)")
+    parser.add_argument("--target-ap50", type=float, default=TARGET_AP50)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--size", type=int, default=None, help="square input size of our model "
+                        f"(default {LEARN_RECIPE['model']['size'][0]})")
+    parser.add_argument("--augment", choices=["ssd", "ssdlite", "flip", "none"], default=None)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--no-anchor", action="store_true", help="skip torchvision's run")
+    parser.add_argument("--no-compare", action="store_true", help="skip the fp32-vs-bf16 evaluation")
+    parser.add_argument("--ablate", nargs="*", metavar="VARIANT", default=None,
+                        help="train one change at a time at --steps on every --data: 'base' or key=value,... "
+                        f"(e.g. size=224 augment=ssdlite batch_size=32,lr=0.15; default: {' '.join(DEFAULT_ABLATIONS)})")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=_run_learn)
+
+
+def _run_learn(args: argparse.Namespace) -> int:
+    from ssd_core.bench.learn import ablate, ablation_table, learn, parse_variant, side_by_side
+
+    overrides: dict[str, Any] = parse_variant(args.recipe) if args.recipe else {}
+    for name in ("batch_size", "lr", "augment", "precision", "threads", "seed"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.size is not None:
+        overrides["model"] = {**overrides.get("model", {}), "size": [args.size, args.size]}
+    if args.no_progress:
+        overrides["progress"] = False
+    if args.ablate is not None:
+        if args.steps is None:
+            raise ValueError("--ablate needs --steps: the ablation compares runs of the same step count")
+        rows = ablate(args.data, args.output, steps=args.steps, variants=args.ablate or None,
+                      anchor=not args.no_anchor, **overrides)
+        print(ablation_table(rows))
+        Path(args.output, "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
+        return 0
+    if len(args.data) != 1:
+        raise ValueError("give one --data folder (several only with --ablate)")
+    report = learn(args.data[0], args.output, minutes=args.minutes, steps=args.steps, target_ap50=args.target_ap50,
+                   compare=not args.no_compare, anchor=not args.no_anchor, **overrides)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("recipe", "torchvision")}, indent=2))
+    print(side_by_side(report))
+    return 0 if report["reached_target"] else 1

@@ -70,7 +70,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, **defaults: Any) -> Any:
     """TrainConfig from the parsed options; options left unset keep `defaults`, then TrainConfig's."""
-    from ssd_core.engine import TrainConfig
+    from ssd_core.train_config import TrainConfig
 
     values: dict[str, Any] = dict(defaults)
     mapping = {

@@ -41,26 +41,27 @@ def _size(entry) -> str:
 
 
 def registry_rows(arch: str | None = None) -> list[dict[str, str]]:
-    from ssd_core.weights import DEFAULT_BACKBONE_WEIGHTS, DEFAULT_WEIGHTS, cached_file, list_weights
+    from ssd_core.weights import cached_file, list_weights
     from ssd_core.zoo import CONFIGS
 
     rows = []
     for entry in list_weights(arch):
         if entry.kind == "detector":
             used_by = entry.arch
-            default = "DEFAULT" if DEFAULT_WEIGHTS.get(entry.arch) == entry.full_name else ""
+            default = "DEFAULT" if CONFIGS[entry.arch].default_weights == entry.full_name else ""
         else:
             users = [a for a, c in CONFIGS.items() if c.backbone == entry.arch]
             used_by = "backbone of " + ", ".join(users)
-            default = "DEFAULT backbone" if entry.full_name in DEFAULT_BACKBONE_WEIGHTS.values() else ""
+            defaults = {c.default_backbone_weights for c in CONFIGS.values()}
+            default = "DEFAULT backbone" if entry.full_name in defaults else ""
         rows.append({
             "name": entry.full_name, "for": used_by, "default": default, "source": entry.source,
             "size": _size(entry), "COCO AP": f"{entry.coco_ap:.1f}" if entry.coco_ap is not None else "-",
             "cached": "yes" if cached_file(entry) else "no",
         })
-    for name, full in DEFAULT_WEIGHTS.items():
-        if full is None and (arch is None or arch == name):
-            rows.append({"name": "-", "for": name, "default": f"backbone only ({DEFAULT_BACKBONE_WEIGHTS[name]})",
+    for name, config in CONFIGS.items():
+        if config.default_weights is None and (arch is None or arch == name):
+            rows.append({"name": "-", "for": name, "default": f"backbone only ({config.default_backbone_weights})",
                          "source": "no published COCO weights", "size": "-", "COCO AP": "-", "cached": "-"})
     return rows
 
@@ -84,10 +85,12 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def _entries_for(name: str) -> list:
-    from ssd_core.weights import DEFAULT_BACKBONE_WEIGHTS, DEFAULT_WEIGHTS, get_weights
+    from ssd_core.weights import get_weights
+    from ssd_core.zoo import CONFIGS
 
-    if name in DEFAULT_BACKBONE_WEIGHTS:  # an architecture: what it uses by default
-        return [get_weights(n) for n in (DEFAULT_WEIGHTS[name], DEFAULT_BACKBONE_WEIGHTS[name]) if n]
+    if name in CONFIGS:  # an architecture: what it uses by default
+        config = CONFIGS[name]
+        return [get_weights(n) for n in (config.default_weights, config.default_backbone_weights) if n]
     entry = get_weights(name)
     return [entry] if entry is not None else [name]
 

@@ -11,7 +11,6 @@ run pays it. Goals: driver peak RSS < 1 GiB at 1M objects, and the 1M re-run < 6
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -25,19 +24,6 @@ RSS_GOAL_MIB = 1024
 SECONDS_GOAL = 60.0
 ARCH = "ssdlite320_mobilenet_v3_large"
 BUCKET = "bench-bucket"
-
-
-def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
-    """Add `ledger` to the `ssd bench` sub-commands (called by ssd_core/commands/bench.py)."""
-    parser = bench_subparsers.add_parser(
-        "ledger", help="driver peak RSS and wall time of a nothing-new incremental run at N objects",
-        description=__doc__,
-    )
-    parser.add_argument("--objects", default="10000,100000,1000000", help="comma-separated bucket sizes")
-    parser.add_argument("--rows-per-file", type=int, default=1024, help="rows per committed ledger file")
-    parser.add_argument("--work-dir", type=Path, help="where manifests and ledgers go (default: a temp dir)")
-    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    parser.set_defaults(func=_run)
 
 
 def write_fixture(folder: Path, num_objects: int, rows_per_file: int) -> tuple[Path, Path]:
@@ -136,7 +122,11 @@ def _child(manifest: str, output: str) -> dict[str, Any]:
     return result
 
 
-def bench_ledger(objects: list[int], rows_per_file: int, work_dir: Path) -> list[dict[str, Any]]:
+def bench_ledger(objects: list[int], rows_per_file: int, work_dir: Path | None = None) -> list[dict[str, Any]]:
+    """One row per bucket size in ``objects``: wall time and peak RSS of the nothing-new re-run."""
+    if work_dir is None:
+        with tempfile.TemporaryDirectory(prefix="ssd-bench-ledger-") as scratch:
+            return bench_ledger(objects, rows_per_file, Path(scratch))
     rows = []
     for count in objects:
         prepared = time.perf_counter()
@@ -146,7 +136,7 @@ def bench_ledger(objects: list[int], rows_per_file: int, work_dir: Path) -> list
         env.pop("RAY_ADDRESS", None)  # a fresh local cluster per size
         for _ in range(3):  # a loaded machine can time out starting a fresh Ray node: try again
             process = subprocess.run(
-                [sys.executable, "-m", "ssd_core.commands.bench_ledger", str(manifest), str(output)],
+                [sys.executable, "-m", "ssd_core.bench.ledger", str(manifest), str(output)],
                 env=env, capture_output=True, text=True, check=False,
             )
             if "timed out during startup" not in process.stderr:
@@ -162,23 +152,18 @@ def bench_ledger(objects: list[int], rows_per_file: int, work_dir: Path) -> list
     return rows
 
 
-def _run(args: argparse.Namespace) -> int:
-    objects = [int(n) for n in args.objects.split(",")]
-    with tempfile.TemporaryDirectory(prefix="ssd-bench-ledger-") as scratch:
-        rows = bench_ledger(objects, args.rows_per_file, args.work_dir or Path(scratch))
-    print("# nothing-new incremental run from an S3 Inventory Parquet manifest, fresh process and local Ray "
-          "cluster per size")
-    print(f"{'objects':>10} {'ledger files':>13} {'wall s':>8} {'driver peak RSS MiB':>20} {'worker peak RSS MiB':>20}")
+def format_report(rows: list[dict[str, Any]]) -> str:
+    """The table `ssd bench ledger` prints for `bench_ledger`'s rows."""
+    lines = ["# nothing-new incremental run from an S3 Inventory Parquet manifest, fresh process and local Ray "
+             "cluster per size",
+             f"{'objects':>10} {'ledger files':>13} {'wall s':>8} {'driver peak RSS MiB':>20} {'worker peak RSS MiB':>20}"]
     for row in rows:
-        print(f"{row['objects']:>10} {row['ledger_files']:>13} {row['seconds']:>8.1f} "
-              f"{row['driver_peak_rss_mib']:>20.0f} {row['worker_peak_rss_mib']:>20.0f}")
+        lines.append(f"{row['objects']:>10} {row['ledger_files']:>13} {row['seconds']:>8.1f} "
+                     f"{row['driver_peak_rss_mib']:>20.0f} {row['worker_peak_rss_mib']:>20.0f}")
     largest = rows[-1]
-    print(f"at {largest['objects']} objects: driver peak {largest['driver_peak_rss_mib']:.0f} MiB "
-          f"(goal < {RSS_GOAL_MIB}), {largest['seconds']:.1f} s (goal < {SECONDS_GOAL:.0f})")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows}, indent=2))
-    return 0
+    lines.append(f"at {largest['objects']} objects: driver peak {largest['driver_peak_rss_mib']:.0f} MiB "
+                 f"(goal < {RSS_GOAL_MIB}), {largest['seconds']:.1f} s (goal < {SECONDS_GOAL:.0f})")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

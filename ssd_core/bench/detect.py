@@ -13,11 +13,11 @@ previous run's actors have exited (SETTLE_S between runs).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,31 +28,24 @@ SPEEDUP_GOAL = 3.0
 SETTLE_S = 3.0
 
 
-def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
-    """Add `detect` to the `ssd bench` sub-commands (called by ssd_core/commands/bench.py)."""
-    parser = bench_subparsers.add_parser(
-        "detect",
-        help="bulk detection images/s vs the model alone and vs a naive loop",
-        description=__doc__,
-    )
-    parser.add_argument("--arch", default="ssdlite320_mobilenet_v3_large")
-    parser.add_argument("--images", type=int, default=4096, help="synthetic 640x480 JPEGs in the bucket")
-    parser.add_argument("--model-images", type=int, default=256, help="images the model-only figure runs on")
-    parser.add_argument("--naive-images", type=int, default=48, help="images the naive loop processes per repetition")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3, help="alternating repetitions; medians are reported")
-    parser.add_argument("--score-threshold", type=float, default=0.3)
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
-                        help="int8: the weights calibrated (`ssd_core.quantize`) on the bucket's first batch and "
-                        "saved as an int8 checkpoint, which the pipeline and the model-only figure load")
-    parser.add_argument("--work-dir", type=Path, help="where the bucket and outputs go (default: a temp dir)")
-    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    parser.set_defaults(func=_run)
+@dataclass(frozen=True)
+class DetectBench:
+    """What `ssd bench detect` runs (its options, see ssd_core/commands/bench.py)."""
+
+    arch: str = "ssdlite320_mobilenet_v3_large"
+    images: int = 4096  # synthetic 640x480 JPEGs in the bucket
+    model_images: int = 256  # images the model-only figure runs on
+    naive_images: int = 48  # images the naive loop processes per repetition
+    batch_size: int = 16
+    repeats: int = 3
+    score_threshold: float = 0.3
+    precision: str = "auto"
+    work_dir: Path | None = None  # where the bucket and outputs go (default: a temp dir)
 
 
 def write_jpeg_bucket(folder: Path, count: int, *, height: int = 480, width: int = 640, seed: int = 0) -> list[Path]:
-    """`count` synthetic JPEGs (`ssd_core.bench.synthetic_jpegs`) written to ``folder``."""
-    from ssd_core.bench import synthetic_jpegs
+    """`count` synthetic JPEGs (`ssd_core.bench.speed.synthetic_jpegs`) written to ``folder``."""
+    from ssd_core.bench.speed import synthetic_jpegs
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -63,7 +56,7 @@ def write_jpeg_bucket(folder: Path, count: int, *, height: int = 480, width: int
     return paths
 
 
-def _pipeline_seconds(bucket: Path, output: Path, weights: Path, args: argparse.Namespace) -> tuple[int, float, int]:
+def _pipeline_seconds(bucket: Path, output: Path, weights: Path, args: DetectBench) -> tuple[int, float, int]:
     """(images written, seconds, actors) of one `detect_bucket` run into a fresh output, on a settled cluster."""
     from ssd_core.bulk import detect_bucket
 
@@ -75,7 +68,7 @@ def _pipeline_seconds(bucket: Path, output: Path, weights: Path, args: argparse.
     return summary["ok"] + summary["error"], summary["seconds"], summary["actors"]["max"]
 
 
-def _read_tasks_images_per_s(paths: list[Path], args: argparse.Namespace) -> float:
+def _read_tasks_images_per_s(paths: list[Path], args: DetectBench) -> float:
     """What one CPU does of the CPU tasks in front of GPU actors: read, decode, resize and normalise
     (`read_and_preprocess` on one thread, in-process), in batches of --batch-size."""
     import pyarrow as pa
@@ -154,12 +147,13 @@ def _int8_checkpoint(arch: str, weights: Path, paths: list[Path], score_threshol
     return output
 
 
-def bench_detect(args: argparse.Namespace) -> dict[str, Any]:
+def bench_detect(args: DetectBench) -> dict[str, Any]:
+    """The figures of one `ssd bench detect` run (images/s, medians over `args.repeats`)."""
     import torch
 
     from ssd_core import build_model
     from ssd_core.allocator import tune_allocator
-    from ssd_core.bench import torchvision_pair
+    from ssd_core.bench.speed import torchvision_pair
     from ssd_core.cluster import init_ray
     from ssd_core.inference import optimize_for_inference
 
@@ -229,27 +223,25 @@ def bench_detect(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _run(args: argparse.Namespace) -> int:
-    result = bench_detect(args)
+def format_report(result: dict[str, Any]) -> str:
+    """The table `ssd bench detect` prints for `bench_detect`'s result."""
     rate = result["images_per_s"]
-    print(f"# bulk detection, {args.arch}, batch {args.batch_size}, {args.images} 640x480 JPEGs, "
-          f"precision {result['effective_precision']}, medians of {args.repeats}")
-    print(f"{'what':<44} {'images/s':>10}")
-    print(f"{'ssd detect (Ray Data -> Parquet, end to end)':<44} {rate['pipeline']:>10.2f}   ({args.images} images)")
-    print(f"{'  the same on a quarter of the bucket':<44} {rate['pipeline_quarter']:>10.2f}   "
-          f"({result['quarter_images']} images)")
-    print(f"{'  steady rate, after start-up':<44} {rate['steady']:>10.2f}   (start-up {result['startup_s']:.1f} s)")
-    print(f"{'  per actor (steady / ' + str(result['actors']) + ' actors)':<44} {rate['steady_per_actor']:>10.2f}")
-    print(f"{'read + decode + resize, one CPU':<44} {rate['read_decode_resize_per_cpu']:>10.2f}   "
-          "(the CPU tasks in front of GPU actors)")
-    print(f"{'(a) model forward + post-processing alone':<44} {rate['model_only']:>10.2f}")
-    print(f"{'(b) naive loop (PIL, torchvision, batch 1)':<44} {rate['naive']:>10.2f}")
+    lines = []
+    lines.append(f"# bulk detection, {result['arch']}, batch {result['batch_size']}, {result['images']} 640x480 JPEGs, "
+                 f"precision {result['effective_precision']}, medians of {result['repeats']}")
+    lines.append(f"{'what':<44} {'images/s':>10}")
+    lines.append(f"{'ssd detect (Ray Data -> Parquet, end to end)':<44} {rate['pipeline']:>10.2f}   ({result['images']} images)")
+    lines.append(f"{'  the same on a quarter of the bucket':<44} {rate['pipeline_quarter']:>10.2f}   "
+                 f"({result['quarter_images']} images)")
+    lines.append(f"{'  steady rate, after start-up':<44} {rate['steady']:>10.2f}   (start-up {result['startup_s']:.1f} s)")
+    lines.append(f"{'  per actor (steady / ' + str(result['actors']) + ' actors)':<44} {rate['steady_per_actor']:>10.2f}")
+    lines.append(f"{'read + decode + resize, one CPU':<44} {rate['read_decode_resize_per_cpu']:>10.2f}   "
+                 "(the CPU tasks in front of GPU actors)")
+    lines.append(f"{'(a) model forward + post-processing alone':<44} {rate['model_only']:>10.2f}")
+    lines.append(f"{'(b) naive loop (PIL, torchvision, batch 1)':<44} {rate['naive']:>10.2f}")
     efficiency, speedup = result["efficiency_vs_model"], result["speedup_vs_naive"]
-    print(f"efficiency vs (a): {efficiency:.2f} (goal >= {EFFICIENCY_GOAL}) "
-          f"{'OK' if efficiency >= EFFICIENCY_GOAL else 'BELOW GOAL'}; quarter bucket "
-          f"{result['quarter_efficiency_vs_model']:.2f}; steady {result['steady_efficiency_vs_model']:.2f}")
-    print(f"speed-up vs (b):   {speedup:.2f}x (goal >= {SPEEDUP_GOAL}x) {'OK' if speedup >= SPEEDUP_GOAL else 'BELOW GOAL'}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-    return 0
+    lines.append(f"efficiency vs (a): {efficiency:.2f} (goal >= {EFFICIENCY_GOAL}) "
+                 f"{'OK' if efficiency >= EFFICIENCY_GOAL else 'BELOW GOAL'}; quarter bucket "
+                 f"{result['quarter_efficiency_vs_model']:.2f}; steady {result['steady_efficiency_vs_model']:.2f}")
+    lines.append(f"speed-up vs (b):   {speedup:.2f}x (goal >= {SPEEDUP_GOAL}x) {'OK' if speedup >= SPEEDUP_GOAL else 'BELOW GOAL'}")
+    return "\n".join(lines)

@@ -22,12 +22,10 @@ from ssd_core.allocator import tune_allocator
 from ssd_core.inference import compile_network, optimize_for_inference
 from ssd_core.postprocess import postprocess
 from ssd_core.precision import autocast, resolve_precision
+from ssd_core.zoo import CONFIGS
 
 # torchvision builders for the architectures it also implements.
-TORCHVISION_ARCHS = {
-    "ssd300_vgg16": "ssd300_vgg16",
-    "ssdlite320_mobilenet_v3_large": "ssdlite320_mobilenet_v3_large",
-}
+TORCHVISION_ARCHS = {arch: config.torchvision_builder for arch, config in CONFIGS.items() if config.torchvision_builder}
 
 
 def torchvision_pair(arch: str, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -14,7 +14,6 @@ count does not depend on how busy the machine is, a time budget does) and tabula
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -64,7 +63,7 @@ def parse_variant(spec: str) -> dict[str, Any]:
     """TrainConfig overrides from an ablation variant: "base" (none) or comma-separated key=value pairs
     with JSON values ("none" for None, bare words as strings); "size=N" sets the square input size and
     "model.KEY=V" a model option, e.g. "batch_size=32,lr=0.15" or "size=256,model.min_ratio=0.1"."""
-    from ssd_core.engine import TrainConfig
+    from ssd_core.train_config import TrainConfig
 
     overrides: dict[str, Any] = {}
     if spec.strip() == "base":
@@ -228,8 +227,9 @@ def learn(
     with `TORCHVISION_RECIPE` on the same data, budget and threads. Returns and writes
     RUN_DIR/learn.json: the final metrics, whether AP50 reached `target_ap50`, the anchor's run and the
     difference, and (with `compare`) the fp32-vs-bf16 evaluation gap of our checkpoint."""
-    from ssd_core.engine import TrainConfig, fit
+    from ssd_core.engine import fit
     from ssd_core.storage import atomic_write_bytes, join_uri
+    from ssd_core.train_config import TrainConfig
 
     if steps is None and not minutes > 0:
         raise ValueError(f"--minutes must be > 0, got {minutes}")
@@ -366,70 +366,3 @@ def ablation_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {row['variant']} | {row['steps']} | {f(row['AP'])} | {f(row['AP50'])} | {f(row['APs'])} | "
                      f"{per} | {row['images/s']:.1f} |")
     return "\n".join(lines)
-
-
-# -- the sub-command ---------------------------------------------------------------------------------
-
-
-def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
-    """Add `learn` to the `ssd bench` sub-commands (called by ssd_core/commands/bench.py)."""
-    parser = bench_subparsers.add_parser(
-        "learn",
-        help="train from scratch on the synthetic set side by side with torchvision's SSDLite recipe",
-        description="Train ssdlite from scratch on a dataset written by `ssd data synth` within a time budget "
-        "(or --steps), evaluate on its val split, then train torchvision's own ssdlite320_mobilenet_v3_large with "
-        "its plain recipe on the same data, budget and threads, and print both and the difference; compare fp32 "
-        "and bf16 evaluation of our checkpoint. Writes RUN_DIR/learn.json next to the usual run files. With "
-        "--ablate, trains one recipe change at a time at --steps on every --data and prints a table.",
-    )
-    parser.add_argument("--data", required=True, nargs="+", metavar="DIR",
-                        help="dataset root (e.g. from `ssd data synth`); several with --ablate")
-    parser.add_argument("--output", required=True, metavar="RUN_DIR")
-    parser.add_argument("--minutes", type=float, default=15.0, help="training time budget of each side "
-                        "(evaluation excluded)")
-    parser.add_argument("--steps", type=int, default=None, help="train this many steps instead of --minutes "
-                        "(both sides; the schedules span them)")
-    parser.add_argument("--recipe", metavar="CHANGES", help="changes to our recipe, key=value,... as for --ablate "
-                        "(e.g. warmup_iters=25,model.min_ratio=0.1)")
-    parser.add_argument("--target-ap50", type=float, default=TARGET_AP50)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--size", type=int, default=None, help="square input size of our model "
-                        f"(default {LEARN_RECIPE['model']['size'][0]})")
-    parser.add_argument("--augment", choices=["ssd", "ssdlite", "flip", "none"], default=None)
-    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--no-anchor", action="store_true", help="skip torchvision's run")
-    parser.add_argument("--no-compare", action="store_true", help="skip the fp32-vs-bf16 evaluation")
-    parser.add_argument("--ablate", nargs="*", metavar="VARIANT", default=None,
-                        help="train one change at a time at --steps on every --data: 'base' or key=value,... "
-                        f"(e.g. size=224 augment=ssdlite batch_size=32,lr=0.15; default: {' '.join(DEFAULT_ABLATIONS)})")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    overrides: dict[str, Any] = parse_variant(args.recipe) if args.recipe else {}
-    for name in ("batch_size", "lr", "augment", "precision", "threads", "seed"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    if args.size is not None:
-        overrides["model"] = {**overrides.get("model", {}), "size": [args.size, args.size]}
-    if args.no_progress:
-        overrides["progress"] = False
-    if args.ablate is not None:
-        if args.steps is None:
-            raise ValueError("--ablate needs --steps: the ablation compares runs of the same step count")
-        rows = ablate(args.data, args.output, steps=args.steps, variants=args.ablate or None,
-                      anchor=not args.no_anchor, **overrides)
-        print(ablation_table(rows))
-        Path(args.output, "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
-        return 0
-    if len(args.data) != 1:
-        raise ValueError("give one --data folder (several only with --ablate)")
-    report = learn(args.data[0], args.output, minutes=args.minutes, steps=args.steps, target_ap50=args.target_ap50,
-                   compare=not args.no_compare, anchor=not args.no_anchor, **overrides)
-    print(json.dumps({k: v for k, v in report.items() if k not in ("recipe", "torchvision")}, indent=2))
-    print(side_by_side(report))
-    return 0 if report["reached_target"] else 1
