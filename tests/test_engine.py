@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dataset_layouts import as_coco2017
 
 from ssd_core.checkpoint import read_checkpoint
 from ssd_core.cli import main
@@ -248,15 +249,6 @@ def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(tiny_data,
 
 
 # -- real datasets: COCO 2017's layout, unreadable images -----------------------------------------------
-
-
-def as_coco2017(source: Path, target: Path) -> Path:
-    (target / "annotations").mkdir(parents=True)
-    for split in ("train", "val"):
-        shutil.copytree(source / split, target / f"{split}2017")
-        shutil.copy(source / "annotations" / f"instances_{split}.json",
-                    target / "annotations" / f"instances_{split}2017.json")
-    return target
 
 
 def test_explicit_split_locations_replace_the_data_layout(tiny_data, tmp_path):

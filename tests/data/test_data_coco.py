@@ -9,6 +9,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from dataset_layouts import as_coco2017
 from PIL import Image
 from pycocotools.coco import COCO
 
@@ -203,18 +204,6 @@ def test_other_image_formats_and_pickling(tmp_path, coco_writer):
         assert bright.shape == grey.shape == (3, 6, 8)
         torch.testing.assert_close(bright, torch.ones(3, 6, 8))
         torch.testing.assert_close(grey, torch.full((3, 6, 8), 0.2))
-
-
-def as_coco2017(source, target):
-    """A copy of a project-layout dataset in COCO 2017's downloaded layout."""
-    import shutil
-
-    (target / "annotations").mkdir(parents=True)
-    for split in ("train", "val"):
-        shutil.copytree(source / split, target / f"{split}2017")
-        shutil.copy(source / "annotations" / f"instances_{split}.json",
-                    target / "annotations" / f"instances_{split}2017.json")
-    return target
 
 
 def test_coco2017_layout_and_explicit_paths_read_the_same_split(synth_dir, tmp_path):
