@@ -48,7 +48,7 @@ TORCHVISION_RECIPE: dict[str, Any] = {
     "arch": "ssdlite320_mobilenet_v3_large", "size": 320, "batch_size": 16, "lr": 0.05, "momentum": 0.9,
     "weight_decay": 4e-5, "warmup_iters": 100, "warmup_factor": 0.001, "hflip": 0.5, "autocast": "bf16",
 }
-TARGET_AP50 = 0.7
+TARGET_AP50 = 0.9  # 15 minutes on 2 cores, the synthetic set: AP50 the recipe must reach
 MAX_PRECISION_GAP_POINTS = 0.5
 TABLE_METRICS = ("AP", "AP50", "APs", "APm", "APl")
 
