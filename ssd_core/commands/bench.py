@@ -42,10 +42,12 @@ def _common(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (a whole GPU node: python -m ssd_core.gpucheck)")
 
 
-def _emit(result: dict, path: Path | None) -> None:
+def _emit(result: Any, path: Path | None) -> None:
+    """Write `result` as JSON to `path` (atomically), if a path was given."""
     if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
+        from ssd_core.runs import write_json
+
+        write_json(str(path), result)
 
 
 def _run_infer(args: argparse.Namespace) -> int:
@@ -209,7 +211,7 @@ def _run_learn(args: argparse.Namespace) -> int:
         rows = ablate(args.data, args.output, steps=args.steps, variants=args.ablate or None,
                       anchor=not args.no_anchor, **overrides)
         print(ablation_table(rows))
-        Path(args.output, "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
+        _emit(rows, Path(args.output, "ablation.json"))
         return 0
     if len(args.data) != 1:
         raise ValueError("give one --data folder (several only with --ablate)")
