@@ -39,6 +39,34 @@ def test_bench_infer_reports_every_variant_and_consistent_ratios():
     assert result["postprocess"]["ratio"] == pytest.approx(post["torchvision"]["median_s"] / post["ssd_core"]["median_s"])
 
 
+def test_bench_breakdown_times_every_convolution_of_both_copies():
+    """Each convolution of the plain model is timed once in bf16 and once in int8, and the parts add up
+    to the network's time."""
+    from torch import nn
+
+    from ssd_core.bench.int8 import bench_breakdown, conv_kind
+    from ssd_core.zoo import build_model
+
+    result = bench_breakdown(ARCH, batch_size=1, repeats=1, height=96, width=128)
+    expected = {"dense": 0, "pointwise": 0, "depthwise": 0}
+    for module in build_model(ARCH).modules():
+        if isinstance(module, nn.Conv2d):
+            expected[conv_kind(module.in_channels, module.groups, module.kernel_size)] += 1
+    assert result["layers_bf16"] == result["layers_int8"] == expected
+    assert expected["depthwise"] > 0 and expected["pointwise"] > 0
+    stages = {row["stage"]: row for row in result["stages"]}
+    assert set(stages) == {"preprocess", "network", "postprocess"}
+    parts = result["network_parts"]
+    for precision in ("bf16_s", "int8_s"):
+        assert sum(part[precision] for part in parts) == pytest.approx(stages["network"][precision])
+    assert all(part["bf16_s"] > 0 and part["int8_s"] > 0 for part in parts if part["layers"])
+
+
+def test_bench_breakdown_needs_int8_on_the_cpu(capsys):
+    assert cli_main(["bench", "infer", "--arch", ARCH, "--breakdown"]) == 1
+    assert "--breakdown compares bf16 with int8 on the CPU" in capsys.readouterr().err
+
+
 def test_bench_train_steps_every_variant():
     result = bench_train(ARCH, batch_size=2, repeats=1, height=96, width=128)  # BatchNorm needs 2 samples
     rows = {row["variant"]: row for row in result["rows"]}

@@ -17,6 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(infer, batch_size=4)
     infer.add_argument("--precision", choices=["auto", "int8"], default="auto",
                        help="int8: add an ssd_core int8 column (calibrated on other random inputs)")
+    infer.add_argument("--breakdown", action="store_true",
+                       help="with --precision int8: also time ours in bf16 and int8 stage by stage and each "
+                            "convolution alone, summed by kind (dense, pointwise, depthwise)")
     infer.set_defaults(func=_run_infer)
 
     train = bench.add_parser("train", help="training step: torchvision fp32 vs ssd_core (or images/s per Ray worker count)")
@@ -54,6 +57,8 @@ def _run_infer(args: argparse.Namespace) -> int:
     from ssd_core.bench.speed import bench_infer, format_rows
     from ssd_core.precision import resolve_device
 
+    if args.breakdown and (args.precision != "int8" or resolve_device(args.device).type != "cpu"):
+        raise ValueError("--breakdown compares bf16 with int8 on the CPU: use it with --precision int8 --device cpu")
     result = bench_infer(args.arch, batch_size=args.batch_size, repeats=args.repeats,
                          height=args.height, width=args.width, device=resolve_device(args.device),
                          int8=args.precision == "int8")
@@ -68,6 +73,16 @@ def _run_infer(args: argparse.Namespace) -> int:
     print("# post-processing alone (same head outputs)")
     print(format_rows(result["postprocess"]["rows"]))
     print(f"ssd_core vs torchvision post-processing:    {result['postprocess']['ratio']:.2f}x")
+    if args.breakdown:
+        from ssd_core.bench.int8 import bench_breakdown
+
+        result["breakdown"] = breakdown = bench_breakdown(args.arch, batch_size=args.batch_size, repeats=args.repeats,
+                                                          height=args.height, width=args.width)
+        print("# ssd_core bf16 vs int8, stage by stage (each timed alone)")
+        print(format_rows(breakdown["stages"]))
+        print("# the network: each convolution called alone on its input from a real pass, summed by kind; "
+              "the rest is what the network spends outside them")
+        print(format_rows(breakdown["network_parts"]))
     _emit(result, args.json)
     return 0
 
