@@ -188,27 +188,71 @@ def calibration_batches(model: SSD, data: str, *, num_images: int, batch_size: i
             yield batch
 
 
+MAX_AP_LOSS = 1.0  # AP / AP50 points int8 may lose against fp32 on the check before `ssd quantize` refuses
+
+
+def check_accuracy(model: SSD, data: str, *, num_images: int, batch_size: int = 8,
+                   workers: int = 1) -> dict[str, Any] | None:
+    """COCO AP and AP50 (0-100) of a calibrated `model` in fp32 and in int8 on the first `num_images`
+    images of `data`'s val split, or None when the dataset has no val split."""
+    from ssd_core.data import CocoDataset
+    from ssd_core.evaluation import evaluate_model
+    from ssd_core.inference import optimize_for_inference
+
+    try:
+        dataset = CocoDataset(data, split="val")
+    except FileNotFoundError:
+        log.warning("%s has no val split: int8 accuracy not checked", data)
+        return None
+    check: dict[str, Any] = {"images": min(num_images, len(dataset))}
+    for precision in ("fp32", "int8"):
+        metrics = evaluate_model(optimize_for_inference(model, precision), dataset, batch_size=batch_size,
+                                 workers=workers, progress=False, max_images=num_images)
+        check[precision] = {key: round(100 * max(metrics[key] or 0.0, 0.0), 2) for key in ("AP", "AP50")}
+    check["loss"] = {key: round(check["fp32"][key] - check["int8"][key], 2) for key in ("AP", "AP50")}
+    return check
+
+
 def quantize_checkpoint(
     weights: str, output: str, *, data: str, arch: str | None = None, num_images: int = 128,
-    batch_size: int = 8, workers: int = 1, seed: int = 0,
+    batch_size: int = 8, workers: int = 1, seed: int = 0, check_images: int = 100, max_ap_loss: float = MAX_AP_LOSS,
 ) -> dict[str, Any]:
     """Calibrate `weights` (our checkpoint, or with `arch` torchvision's / NVIDIA's) on `num_images` of
     `data`'s training images and write an int8 checkpoint to `output` (local or s3://) that
-    `load_model` / `build_model` load like any other. Returns a summary."""
+    `load_model` / `build_model` load like any other. With `check_images`, fp32 and int8 are evaluated on
+    that many val images first (`check_accuracy`, recorded in the checkpoint): when int8 loses more than
+    `max_ap_loss` AP or AP50 points, nothing is written (ValueError). Returns a summary."""
     from ssd_core.checkpoint import write_checkpoint
     from ssd_core.zoo import build_model, checkpoint_payload, load_model
 
     if num_images < 1:
         raise ValueError(f"--calibration-images must be >= 1, got {num_images}")
+    if check_images < 0:
+        raise ValueError(f"--check-images must be >= 0, got {check_images}")
     model = build_model(arch, weights=weights, precision="fp32") if arch else load_model(weights, precision="fp32")
     model.int8_state = None  # re-calibrating an int8 checkpoint starts from its fp32 weights
     started = time.perf_counter()
     seen = calibrate(model, calibration_batches(model, data, num_images=num_images, batch_size=batch_size,
                                                 workers=workers, seed=seed))
     seconds = time.perf_counter() - started
+    check = check_accuracy(model, data, num_images=check_images, batch_size=batch_size,
+                           workers=workers) if check_images else None
+    if check is not None:
+        log.info("on %d val images: fp32 AP %.2f AP50 %.2f, int8 AP %.2f AP50 %.2f", check["images"],
+                 check["fp32"]["AP"], check["fp32"]["AP50"], check["int8"]["AP"], check["int8"]["AP50"])
+        if max(check["loss"].values()) > max_ap_loss:
+            raise ValueError(
+                f"int8 loses {check['loss']['AP']:.2f} AP / {check['loss']['AP50']:.2f} AP50 points against fp32 on "
+                f"{check['images']} val images of {data} (more than --max-ap-loss {max_ap_loss:g}): {output} not "
+                f"written; run this model in bf16 (--precision bf16), or pass --max-ap-loss to write it anyway")
     payload = checkpoint_payload(model)
     payload["int8"]["calibration"] = {"data": str(data), "images": seen, "seed": seed, "weights": str(weights)}
+    if check is not None:
+        payload["int8"]["check"] = check
     write_checkpoint(output, payload)
     log.info("int8 checkpoint %s: %s calibrated on %d images of %s in %.1f s", output, model.arch, seen, data, seconds)
-    return {"output": output, "arch": model.arch, "calibration_images": seen, "seconds": round(seconds, 1),
-            "precision": "int8"}
+    summary = {"output": output, "arch": model.arch, "calibration_images": seen, "seconds": round(seconds, 1),
+               "precision": "int8"}
+    if check is not None:
+        summary["check"] = check
+    return summary

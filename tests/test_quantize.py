@@ -160,9 +160,26 @@ def test_ssd_quantize_cli_calibrates_on_training_images_and_eval_loads_the_resul
     assert payload["precision"] == "int8" and payload["int8"]["calibration"]["images"] == 4
     assert payload["model_config"]["size"] == SIZE  # the checkpoint's own build options are kept
 
-    assert cli_main(["eval", "--weights", str(output), "--data", str(data), "--workers", "0", "--samples", "0",
-                     "--output", str(tmp_path / "report")]) == 0
-    assert "3 images" in capsys.readouterr().out
+    # The check before writing: fp32 and int8 AP on the val split, as `ssd eval` measures them.
+    check = summary["check"]
+    assert check["images"] == 3 and payload["int8"]["check"] == check
+    for precision in ("fp32", "int8"):
+        report = tmp_path / f"report-{precision}"
+        assert cli_main(["eval", "--weights", str(output), "--data", str(data), "--workers", "0", "--samples", "0",
+                         "--precision", precision, "--output", str(report)]) == 0
+        assert "3 images" in capsys.readouterr().out
+        metrics = json.loads((report / "metrics.json").read_text())
+        for key in ("AP", "AP50"):
+            assert check[precision][key] == pytest.approx(round(100 * max(metrics[key] or 0.0, 0.0), 2), abs=0.05)
+    assert check["loss"]["AP"] == pytest.approx(check["fp32"]["AP"] - check["int8"]["AP"], abs=0.01)
+    assert cli_main(["quantize", "--weights", str(weights), "--data", str(data), "--calibration-images", "2",
+                     "--check-images", "0", "--workers", "0", "--output", str(output)]) == 0
+    assert "check" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # A loss beyond --max-ap-loss writes nothing (any loss exceeds -100: the refusal path, deterministically).
+    refused = tmp_path / "refused.pt"
+    assert cli_main(["quantize", "--weights", str(weights), "--data", str(data), "--calibration-images", "2",
+                     "--max-ap-loss", "-100", "--workers", "0", "--output", str(refused)]) == 1
+    assert "AP50 points against fp32 on 3 val images" in capsys.readouterr().err and not refused.exists()
     assert cli_main(["quantize", "--weights", str(weights), "--data", str(data), "--calibration-images", "0",
                      "--output", str(output)]) == 1
     assert "--calibration-images must be >= 1" in capsys.readouterr().err

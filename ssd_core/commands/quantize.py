@@ -23,6 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="dataset root (local or s3://) whose train split calibrates the activations")
     parser.add_argument("--calibration-images", type=int, default=128, metavar="N",
                         help="training images to calibrate on, a seeded sample of the split (default 128)")
+    parser.add_argument("--check-images", type=int, default=100, metavar="N",
+                        help="val images of --data on which fp32 and int8 AP are compared before writing (default "
+                        "100; 0: no check)")
+    parser.add_argument("--max-ap-loss", type=float, default=1.0, metavar="POINTS",
+                        help="refuse to write the checkpoint when int8 loses more than this many AP or AP50 points "
+                        "(0-100 scale) against fp32 on the check (default 1.0)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="B")
     parser.add_argument("--workers", type=int, default=1, metavar="K", help="data loader processes")
     parser.add_argument("--output", required=True, metavar="W_int8.pt", help="int8 checkpoint to write (local or s3://)")
@@ -36,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     summary = quantize_checkpoint(args.weights, args.output, data=args.data, arch=args.arch,
                                   num_images=args.calibration_images, batch_size=args.batch_size,
-                                  workers=args.workers)
+                                  workers=args.workers, check_images=args.check_images,
+                                  max_ap_loss=args.max_ap_loss)
     print(json.dumps(summary))
     return 0
