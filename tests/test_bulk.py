@@ -323,6 +323,11 @@ def test_jpegs_decoded_in_the_actor_match_the_read_tasks(tmp_path, checkpoint, d
     names = [uri.rsplit("/", 1)[-1] for uri in deferred["image_uri"]]
     decoded_later = {n for n, data in zip(names, deferred["encoded"]) if len(data)}
     assert decoded_later == {"a.jpg", "b.JPEG", "rotated.jpg", "no_extension_jpeg", "gray.jpg"}  # not CMYK, broken
+    # Rows the actor decodes carry no pixels through the object store; the others carry theirs as bytes.
+    pixel_bytes = {n: len(p) for n, p, status in zip(names, deferred["pixels"], deferred["status"]) if status == "ok"}
+    size = deferred_config.preprocess_spec.size
+    assert pixel_bytes == {n: 0 if n in decoded_later else 3 * size[0] * size[1] * 4 for n in pixel_bytes}
+    assert set(pixel_bytes) - decoded_later  # a CMYK JPEG: decoded by the read task
     threads = torch.get_num_threads()
     try:
         detector = Detector(deferred_config, device=device)
