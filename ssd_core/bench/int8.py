@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssd_core.bench.speed import _images, _int8_copy, alternate, torchvision_pair
+from ssd_core.bench.speed import alternate, int8_copy, random_images, torchvision_pair
 from ssd_core.inference import FusedConvActivation, optimize_for_inference
 from ssd_core.postprocess import postprocess
 
@@ -36,14 +36,14 @@ def _convolutions(network: nn.Module) -> list[tuple[nn.Module, str]]:
     """The convolution modules a pass of `network` calls (bf16 copy or FX int8 graph), with their kind."""
     from torch.ao.nn.quantized import Conv2d as QuantizedConv2d
 
+    fused = [m for m in network.modules() if isinstance(m, FusedConvActivation)]
+    inner = {id(m.conv) for m in fused}  # called by their FusedConvActivation, timed with it
     found = []
     for module in network.modules():
         conv = module.conv if isinstance(module, FusedConvActivation) else module
-        if isinstance(module, FusedConvActivation) or isinstance(module, QuantizedConv2d) or (
-                type(module) is nn.Conv2d or type(module).__name__ == "Fp32GradDepthwiseConv2d"):
+        if isinstance(conv, (nn.Conv2d, QuantizedConv2d)) and id(module) not in inner:
             found.append((module, conv_kind(conv.in_channels, conv.groups, conv.kernel_size)))
-    inner = {id(m.conv) for m, _ in found if isinstance(m, FusedConvActivation)}
-    return [(m, kind) for m, kind in found if id(m) not in inner]
+    return found
 
 
 def _captured_calls(run: Callable[[], Any], modules: list[tuple[nn.Module, str]]) -> list[tuple[Callable[[], Any], str]]:
@@ -68,9 +68,9 @@ def bench_breakdown(arch: str, *, batch_size: int = 16, repeats: int = 5, height
     batch (random weights as `bench_infer`'s, int8 calibrated on another batch). CPU only."""
     _, ours = torchvision_pair(arch)
     ours.eval()
-    images = _images(batch_size, height, width)
+    images = random_images(batch_size, height, width)
     copies = {"bf16": optimize_for_inference(ours, "auto"),
-              "int8": _int8_copy(ours, _images(batch_size, height, width, seed=1))}
+              "int8": int8_copy(ours, random_images(batch_size, height, width, seed=1))}
     stage_times: dict[str, list[float]] = {}
     kind_seconds: dict[str, dict[str, float]] = {}
     layer_counts: dict[str, dict[str, int]] = {}

@@ -55,7 +55,7 @@ def torchvision_pair(arch: str, seed: int = 0) -> tuple[torch.nn.Module, torch.n
     return reference, ours
 
 
-def _images(batch_size: int, height: int = 480, width: int = 640, seed: int = 0,
+def random_images(batch_size: int, height: int = 480, width: int = 640, seed: int = 0,
             device: torch.device | None = None) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.rand(3, height, width, generator=g).to(device) for _ in range(batch_size)]
@@ -157,12 +157,12 @@ def bench_infer(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int
     reference, ours = torchvision_pair(arch)
     reference.eval().to(device)
     ours.eval().to(device)
-    images = _images(batch_size, height, width, device=device)
+    images = random_images(batch_size, height, width, device=device)
     auto = resolve_precision("auto", device)
     amp = _autocast_precision(auto)
     ours_auto = optimize_for_inference(ours, "auto", device)
     reference_amp = _clone_channels_last(reference)
-    ours_int8 = _int8_copy(ours, _images(batch_size, height, width, seed=1)) if int8 else None
+    ours_int8 = int8_copy(ours, random_images(batch_size, height, width, seed=1)) if int8 else None
 
     def run(model, precision: str = "fp32"):
         def call():
@@ -229,7 +229,7 @@ def bench_train(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int
     auto = resolve_precision("auto", device)
     amp = _autocast_precision(auto)
     ours_auto = _clone_with_precision(ours, "auto")  # trained: the plain network
-    images, targets = _images(batch_size, height, width, device=device), _targets(batch_size, height, width, device=device)
+    images, targets = random_images(batch_size, height, width, device=device), _targets(batch_size, height, width, device=device)
 
     def stepper(model, autocast_precision: str = "fp32", precision: str = "fp32"):
         model.to(device).train()
@@ -258,7 +258,7 @@ def bench_train(arch: str, *, batch_size: int = 4, repeats: int = 5, height: int
             "ratio_auto_vs_torchvision_autocast": statistics.median(times[f"torchvision_{amp}_autocast"]) / auto_median}
 
 
-def _int8_copy(model, calibration_images: list[torch.Tensor]):
+def int8_copy(model, calibration_images: list[torch.Tensor]):
     """An int8 inference copy of ``model`` calibrated on ``calibration_images``; ``model`` stays fp32."""
     from ssd_core.quantize import calibrate
 

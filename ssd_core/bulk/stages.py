@@ -162,14 +162,15 @@ def preprocess_contents(rows: Mapping[str, list], contents: list[bytes | BaseExc
         statuses.append("ok"), errors.append("")  # "" not None: object columns of None do not survive Ray
         decoded.append(pixels)
 
-    batch = np.zeros((len(keep), 3, *spec.size), dtype=np.float32)
     ok_index = [i for i, pixels in enumerate(decoded) if pixels is not None]
+    # One array row per kept row; with decode_in_actor, one per row decoded here (the rest carry none).
+    batch = np.zeros((len(ok_index) if config.decode_in_actor else len(keep), 3, *spec.size), dtype=np.float32)
     # The model's own grouping, resize and normalisation, on 0..255 values (x / 255 folded into mean and
     # std): [3, H, W] views of the uint8 arrays stack into channels_last, so the float copy is the only one.
     mean, std = spec.mean_std_255()
     views = [torch.from_numpy(decoded[i]).permute(2, 0, 1) for i in ok_index]
     for group, stacked in group_by_shape(views):
-        batch_rows = [ok_index[g] for g in group]
+        batch_rows = group if config.decode_in_actor else [ok_index[g] for g in group]
         batch[batch_rows] = resize_normalize(stacked.float(), spec.size, mean, std, normalize_first=False).numpy()
     take = np.asarray(keep, dtype=np.int64)
     columns = {
@@ -183,7 +184,8 @@ def preprocess_contents(rows: Mapping[str, list], contents: list[bytes | BaseExc
         "pixels": batch,
     }
     if config.decode_in_actor:
-        columns["pixels"] = np.array([batch[i].tobytes() if decoded[i] is not None else b"" for i in range(len(keep))],
+        slot = {row: index for index, row in enumerate(ok_index)}
+        columns["pixels"] = np.array([batch[slot[row]].tobytes() if row in slot else b"" for row in range(len(keep))],
                                      dtype=object)
         columns["encoded"] = np.array(encoded, dtype=object)
         columns["orientation"] = np.asarray(orientations, dtype=np.int8)
