@@ -1,29 +1,29 @@
-"""Post-training int8 quantization for CPU inference, with PyTorch's FX graph mode and its x86 backend.
+"""Post-training int8 quantization for CPU inference: PyTorch's PT2E flow (torchao) with the x86 inductor
+quantizer, compiled by torch.compile into oneDNN's int8 kernels.
 
-What is quantized: backbone and head, traced as one graph (`Network`). Convolutions (BatchNorm folded,
-ReLU fused), ReLU6, Hardswish, additions, the SE blocks' pooling and multiplications run in int8, with
-per-channel symmetric int8 weights and per-tensor uint8 activations whose ranges are calibrated on
-training images (histogram observer: the range that minimises the quantization error). Kept in fp32:
-the input until its quantization; each predictor's output from its last convolution on (dequantized
-with its own scale, then laid out and concatenated across feature maps), anchors, box decoding, NMS and
-rescaling; and in SSD300/512-VGG16 the L2 normalisation of conv4_3 with its learned per-channel scale
-(one 8-bit scale for the 512 values of `scale_weight` would round them together).
+What is quantized: backbone and head, exported as one graph (`Network`). Every convolution (BatchNorm
+folded) takes uint8 activations and per-channel symmetric int8 weights; activations' ranges are
+calibrated on training images (histogram observer: the range that minimises the quantization error),
+with the full 8-bit range (VNNI CPUs; see docs/guide.md). torch.compile fuses each convolution with what
+follows it (ReLU, ReLU6, Hardswish, the residual addition, the next quantization) into one oneDNN call,
+which is where int8 gains on MobileNet's many small layers. Kept in fp32: the input until its
+quantization, every predictor's output (an int8 convolution with a float output, laid out and
+concatenated in fp32), anchors, box decoding, NMS and rescaling; in SSD300/512-VGG16 the L2 normalisation
+of conv4_3 with its learned scale, and the ceil-mode pool3 (inductor's int8 max-pool rounds its output
+size down).
 
-A calibrated model carries `int8_state`, the quantized graph's state_dict (int8 weights, the
-activations' scales and zero points); checkpoints store it beside the fp32 weights, and
-`int8_network` rebuilds the same graph from the two (prepare, convert, load: no calibration run).
-Everything here loads with `torch.load(weights_only=True)`.
-
-FX graph mode is the part of `torch.ao.quantization` that runs eagerly on the x86 (fbgemm/oneDNN) kernels
-without torch.compile; PyTorch marks it deprecated in favour of torchao's PT2E flow, so its warnings are
-silenced here.
+A calibrated model carries `int8_state`, its observers' state (histograms and ranges, a few MB); checkpoints
+store it beside the fp32 weights, and `int8_network` rebuilds the same graph from the two (export,
+prepare, load, convert: no calibration run). Everything here loads with `torch.load(weights_only=True)`.
+The network is compiled on its first call, once per batch size (~10-30 s on two cores, cached on disk by
+torch.compile); smaller batches are padded to that size, so a process compiles once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
-import operator
 import random
 import time
 import warnings
@@ -33,17 +33,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ssd_core.backbones.vgg import VGGExtractor
 from ssd_core.model import SSD
 
 log = logging.getLogger(__name__)
 
 BACKEND = "x86"
-INT8_FORMAT = "fx-x86-v1"  # how `int8_state` is laid out; checkpoints record it
+INT8_FORMAT = "pt2e-x86-inductor-v1"  # how `int8_state` is laid out; checkpoints record it
+OBSERVER = "activation_post_process"  # PT2E's name for the observers it inserts
 
 
 class Network(nn.Module):
-    """An SSD's backbone and head as one module to trace: batch [B, 3, H, W] -> (head outputs
+    """An SSD's backbone and head as one module to export: batch [B, 3, H, W] -> (head outputs
     {"bbox_regression": [B, A, 4], "cls_logits": [B, A, K]}, the feature maps' (h, w) for the anchors)."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
@@ -58,111 +58,159 @@ class Network(nn.Module):
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """The deprecation notices of FX graph mode and quantized tensors, reduce_range's, and uncalibrated
-    observers' warnings (the rebuild loads the calibrated values right after) are noise here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module=r"torch\.ao\.")
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        yield
+    """torchao's import notice (an Enum registered with torch's pytree) and export's / the observers'
+    warnings (uncalibrated observers before the rebuild loads their state) are noise here."""
+    pytree = logging.getLogger("torch.utils._pytree")
+    level = pytree.level
+    pytree.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"torch(ao)?\.")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        pytree.setLevel(level)
 
 
 def _check_backend() -> None:
     if BACKEND not in torch.backends.quantized.supported_engines:
         raise ValueError(f"int8 inference needs PyTorch's {BACKEND} quantized engine (an x86-64 CPU); this build "
                          f"has {', '.join(torch.backends.quantized.supported_engines)}")
-    torch.backends.quantized.engine = BACKEND
 
 
-def qconfig_mapping(model: SSD) -> Any:
-    """The x86 backend's default: HistogramObserver on activations (uint8, 7-bit range so that CPUs
-    without VNNI cannot overflow), per-channel symmetric int8 weights; the head's concatenation and
-    VGG's scaled L2 norm in fp32."""
-    from torch.ao.quantization import get_default_qconfig_mapping
+def quantizer(network: nn.Module) -> Any:
+    """The x86 inductor quantizer's default (uint8 activations over 8 bits, per-channel int8 weights),
+    without the max-pools in ceil mode (VGG's pool3), which stay fp32."""
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
 
-    mapping = get_default_qconfig_mapping(BACKEND)
-    # The head's predictor outputs are dequantized (each keeps its own output scale) and laid out and
-    # concatenated in fp32: an int8 cat would force one scale on maps whose ranges differ. `view` is
-    # also VGG's scale_weight.view(1, -1, 1, 1) (no backbone quantizes a view).
-    mapping.set_object_type("view", None)
-    mapping.set_object_type(torch.cat, None)
-    if isinstance(model.backbone, VGGExtractor):
-        # scale_weight.view(...) * F.normalize(conv4_3), VGGExtractor.forward's first multiplication
-        # (F.normalize has no int8 kernel: it runs in fp32 on the dequantized map).
-        mapping.set_module_name_object_type_order("backbone", operator.mul, 0, None)
-    return mapping
+    chosen = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    for name, module in network.named_modules():
+        if isinstance(module, nn.MaxPool2d) and module.ceil_mode:
+            chosen.set_module_name_qconfig(name, None)
+    return chosen
 
 
 def _prepare(model: SSD) -> torch.fx.GraphModule:
-    """The FX graph of `model`'s backbone and head (an fp32 copy in eval mode) with observers inserted."""
-    import copy
-
-    from torch.ao.quantization.quantize_fx import prepare_fx
-
-    from ssd_core.backbones.mobilenet import plain_depthwise
-
+    """The exported graph of `model`'s backbone and head (an fp32 copy in eval mode, any batch size)
+    with observers inserted."""
     _check_backend()
-    float_model = model.source_model if getattr(model, "inference_optimized", False) else model
-    network = copy.deepcopy(Network(float_model.backbone, float_model.head)).eval().float().requires_grad_(False)
-    plain_depthwise(network)  # training's fp32-under-autocast depthwise convolutions: plain ones to trace
-    example = torch.zeros(1, 3, *model.size).contiguous(memory_format=torch.channels_last)
     with _quiet():
-        return prepare_fx(network, qconfig_mapping(float_model), example_inputs=(example,))
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+        float_model = model.source_model if getattr(model, "inference_optimized", False) else model
+        network = copy.deepcopy(Network(float_model.backbone, float_model.head)).eval().float().requires_grad_(False)
+        from ssd_core.backbones.mobilenet import plain_depthwise
+
+        plain_depthwise(network)  # training's fp32-under-autocast depthwise convolutions: plain ones to export
+        example = torch.zeros(2, 3, *model.size).contiguous(memory_format=torch.channels_last)
+        exported = torch.export.export(network, (example,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
+                                       strict=False)
+        return prepare_pt2e(exported.module(), quantizer(network))
 
 
-def _convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    from torch.ao.quantization.quantize_fx import convert_fx
-
-    with _quiet():
-        return convert_fx(prepared)
+def _observer_state(prepared: torch.fx.GraphModule) -> dict[str, Tensor]:
+    return {key: value.detach().cpu().clone() for key, value in prepared.state_dict().items() if key.startswith(OBSERVER)}
 
 
 def calibrate(model: SSD, batches: Iterable[Tensor]) -> int:
-    """Observe `batches` (preprocessed, see `SSD.preprocess`), quantize, and set the result as
+    """Observe `batches` (preprocessed, see `SSD.preprocess`) and set the observers' state as
     `model.int8_state` (its fp32 weights are left as they are). Returns the number of images seen."""
     prepared = _prepare(model)
     seen = 0
-    with torch.no_grad():
+    with torch.no_grad(), _quiet():
         for batch in batches:
             prepared(batch.contiguous(memory_format=torch.channels_last))
             seen += len(batch)
     if seen == 0:
         raise ValueError("calibration needs at least one image")
-    model.int8_state = {key: value.detach().cpu() for key, value in _convert(prepared).state_dict().items()}
+    model.int8_state = _observer_state(prepared)
     return seen
 
 
-def int8_network(model: SSD) -> torch.fx.GraphModule:
-    """The quantized backbone and head of a calibrated `model`, rebuilt from `model.int8_state`."""
+def int8_graph(model: SSD) -> torch.fx.GraphModule:
+    """The quantized (not yet compiled) backbone and head of a calibrated `model`, rebuilt from its fp32
+    weights and `model.int8_state`."""
     if model.int8_state is None:
         raise ValueError(f"precision 'int8' needs a calibrated model: run `ssd quantize --weights W --data DIR "
                          f"--output W_int8.pt` and load its output ({model.arch} has no int8 calibration)")
     prepared = _prepare(model)
-    network = _convert(prepared)  # observers never ran: placeholder scales, replaced by the load below
-    with _quiet():
-        result = network.load_state_dict(model.int8_state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    expected = set(_observer_state(prepared))
+    if expected != set(model.int8_state):
         raise ValueError(
-            f"the int8 calibration of this {model.arch} does not fit the graph PyTorch {torch.__version__} builds "
-            f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}): run `ssd quantize` again"
-        )
-    return network.eval()
+            f"the int8 calibration of this {model.arch} does not fit the graph PyTorch {torch.__version__} exports "
+            f"(missing {sorted(expected - set(model.int8_state))[:5]}, unexpected "
+            f"{sorted(set(model.int8_state) - expected)[:5]}): run `ssd quantize` again")
+    with _quiet():
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+        prepared.load_state_dict(model.int8_state, strict=False)
+        return convert_pt2e(prepared)
 
 
-class _Outputs(nn.Module):
-    """The quantized graph with its head outputs in fp32 contiguous memory, as `SSD.forward_head` returns them."""
+class CompiledInt8(nn.Module):
+    """The quantized graph compiled for one batch size, chosen by its first call: a smaller batch is
+    padded to it, a larger one runs in slices of it. Returns the head outputs in fp32, as
+    `SSD.forward_head` does, and the feature maps' sizes."""
 
-    def __init__(self, network: torch.fx.GraphModule) -> None:
+    def __init__(self, graph: torch.fx.GraphModule) -> None:
         super().__init__()
-        self.network = network
+        self.graph = graph
+        self.batch_size: int | None = None
+        self._compiled: Any = None
+
+    def train(self, mode: bool = True) -> CompiledInt8:
+        # An exported graph refuses train()/eval() (torchao): it always runs as exported, in eval mode.
+        self.training = mode
+        return self
+
+    def _compile(self, batch: Tensor) -> None:
+        self.batch_size = len(batch)
+        log.info("compiling the int8 network for batches of %d (once per process)", self.batch_size)
+        started = time.perf_counter()
+        self._compiled = torch.compile(self.graph, dynamic=False)
+        try:
+            self._run(batch)
+        except Exception as exc:
+            self._compiled = self.batch_size = None
+            raise RuntimeError(f"int8 inference compiles its network with torch.compile, which failed (it needs "
+                               f"a C++ compiler such as g++ on the CPU node): {str(exc).splitlines()[0]}") from exc
+        log.info("int8 network compiled in %.1f s", time.perf_counter() - started)
+
+    def _run(self, batch: Tensor) -> tuple[dict[str, Tensor], list[Any]]:
+        import torch._inductor.config
+
+        # freezing folds the int8 weights into constants that inductor prepacks for oneDNN (a compile option
+        # does not reach the pass that needs it; patched here, the rest of the process keeps its setting).
+        with torch._inductor.config.patch(freezing=True), _quiet():
+            return self._compiled(batch)
 
     def forward(self, batch: Tensor) -> tuple[dict[str, Tensor], list[Any]]:
-        head_outputs, grid = self.network(batch)
-        return {k: v.float() for k, v in head_outputs.items()}, grid
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            if self._compiled is None:
+                self._compile(batch)
+            size = self.batch_size
+            parts, grid = [], None
+            for start in range(0, len(batch), size):
+                chunk = batch[start:start + size]
+                count = len(chunk)
+                if count < size:  # padded with zeros to the compiled size; the padding's outputs are dropped
+                    chunk = torch.cat([chunk, chunk.new_zeros((size - count, *chunk.shape[1:]))]).contiguous(
+                        memory_format=torch.channels_last)
+                outputs, grid = self._run(chunk)
+                parts.append({key: value[:count].float() for key, value in outputs.items()})
+        if len(parts) == 1:
+            return parts[0], grid
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}, grid
 
 
 def int8_module(model: SSD) -> nn.Module:
     """What `optimize_for_inference` puts in `SSD.int8_network`."""
-    return _Outputs(int8_network(model))
+    return CompiledInt8(int8_graph(model))
 
 
 # -- calibrating a checkpoint on a dataset ------------------------------------------------------------

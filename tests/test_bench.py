@@ -39,27 +39,20 @@ def test_bench_infer_reports_every_variant_and_consistent_ratios():
     assert result["postprocess"]["ratio"] == pytest.approx(post["torchvision"]["median_s"] / post["ssd_core"]["median_s"])
 
 
-def test_bench_breakdown_times_every_convolution_of_both_copies():
-    """Each convolution of the plain model is timed once in bf16 and once in int8, and the parts add up
-    to the network's time."""
-    from torch import nn
+def test_bench_breakdown_times_each_stage_of_both_copies():
+    """bf16 and int8 (its network compiled for the benchmark's batch) stage by stage; the whole-pass
+    ratio is that of the stages' sums."""
+    from ssd_core.bench.int8 import STAGES, bench_breakdown
 
-    from ssd_core.bench.int8 import bench_breakdown, conv_kind
-    from ssd_core.zoo import build_model
-
-    result = bench_breakdown(ARCH, batch_size=1, repeats=1, height=96, width=128)
-    expected = {"dense": 0, "pointwise": 0, "depthwise": 0}
-    for module in build_model(ARCH).modules():
-        if isinstance(module, nn.Conv2d):
-            expected[conv_kind(module.in_channels, module.groups, module.kernel_size)] += 1
-    assert result["layers_bf16"] == result["layers_int8"] == expected
-    assert expected["depthwise"] > 0 and expected["pointwise"] > 0
+    result = bench_breakdown(ARCH, batch_size=2, repeats=1, height=96, width=128)
+    assert result["int8_compiled_batch_size"] == 2
     stages = {row["stage"]: row for row in result["stages"]}
-    assert set(stages) == {"preprocess", "network", "postprocess"}
-    parts = result["network_parts"]
-    for precision in ("bf16_s", "int8_s"):
-        assert sum(part[precision] for part in parts) == pytest.approx(stages["network"][precision])
-    assert all(part["bf16_s"] > 0 and part["int8_s"] > 0 for part in parts if part["layers"])
+    assert tuple(stages) == STAGES
+    for row in stages.values():
+        assert row["bf16_s"] > 0 and row["int8_s"] > 0
+        assert row["int8_speedup"] == pytest.approx(row["bf16_s"] / row["int8_s"])
+    summed = {key: sum(row[key] for row in stages.values()) for key in ("bf16_s", "int8_s")}
+    assert result["ratio_int8_vs_bf16_stages_summed"] == pytest.approx(summed["bf16_s"] / summed["int8_s"])
 
 
 def test_bench_breakdown_needs_int8_on_the_cpu(capsys):

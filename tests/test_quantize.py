@@ -8,7 +8,6 @@ ranges all the way down; the fp32 network of the same weights is the reference.
 from __future__ import annotations
 
 import json
-import operator
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from ssd_core import build_model, load_model
 from ssd_core.checkpoint import write_checkpoint
 from ssd_core.cli import main as cli_main
 from ssd_core.inference import optimize_for_inference
-from ssd_core.quantize import _prepare, calibrate
+from ssd_core.quantize import OBSERVER, _prepare, calibrate
 from ssd_core.zoo import checkpoint_payload, read_model_metadata
 
 ARCH = "ssdlite320_mobilenet_v3_large"
@@ -62,9 +61,15 @@ def test_int8_copy_runs_quantized_convolutions_and_follows_fp32(calibrated):
     the input moves these head outputs by 5%), so int8 outputs differ by ~25% yet correlate ~0.97."""
     model, int8 = calibrated
     assert int8.effective_precision("cpu") == "int8" and int8.backbone is None
-    quantized_convs = [m for m in int8.int8_network.modules() if isinstance(m, torch.ao.nn.quantized.Conv2d)]
-    assert len(quantized_convs) >= 40  # every convolution of backbone and head, BatchNorm folded in
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in int8.int8_network.modules())
+    graph = int8.int8_network.graph.graph
+    convs = [n for n in graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    plain = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == len(plain) >= 40  # every convolution of backbone and head, BatchNorm folded in
+    quantized = torch.ops.quantized_decomposed
+    for conv in convs:  # int8 input (per tensor) and weight (per channel): oneDNN's int8 convolution once compiled
+        assert conv.args[0].target is quantized.dequantize_per_tensor.default
+        assert conv.args[1].target is quantized.dequantize_per_channel.default
+    assert not any("batch_norm" in str(n.target) for n in graph.nodes)
     batch, sizes = model.preprocess(_images(4, seed=2))  # not the calibration images
     with torch.no_grad():
         reference, anchors = model.forward_head(batch)
@@ -82,7 +87,8 @@ def test_int8_checkpoint_round_trip_gives_the_same_detections(calibrated, tmp_pa
     write_checkpoint(str(path), checkpoint_payload(model))
     raw = torch.load(path, map_location="cpu", weights_only=True)
     assert raw["precision"] == "int8" and raw["int8"]["backend"] == "x86"
-    assert any(t.is_quantized for t in raw["int8"]["state"].values() if isinstance(t, torch.Tensor))
+    state = raw["int8"]["state"]  # the observers' ranges and histograms, no second copy of the weights
+    assert state and all(key.startswith(OBSERVER) for key in state) and any(key.endswith(".histogram") for key in state)
     assert read_model_metadata(str(path)).precision == "int8"
 
     loaded = load_model(str(path))  # the checkpoint's precision by default
@@ -106,25 +112,31 @@ def test_int8_checkpoint_round_trip_gives_the_same_detections(calibrated, tmp_pa
     assert build_model(ARCH, weights=str(path)).precision == "int8"
 
 
-def test_vgg_keeps_the_l2_normalisation_and_its_scale_in_fp32():
+def test_vgg_keeps_the_l2_normalisation_its_scale_and_the_ceil_mode_pool_in_fp32():
     torch.manual_seed(0)
     model = build_model("ssd300_vgg16", num_classes=3).eval()
     prepared = _prepare(model)
-    observers = [node for node in prepared.graph.nodes
-                 if node.op == "call_module" and "activation_post_process" in str(node.target)]
+    nodes = list(prepared.graph.nodes)
+    observers = [n for n in nodes if n.op == "call_module" and str(n.target).startswith(OBSERVER)]
     observed = {node.args[0] for node in observers}
-    (mul,) = [n for n in prepared.graph.nodes if n.target is operator.mul]
-    scale, normalize = mul.args
-    assert normalize.target is torch.nn.functional.normalize
-    assert scale.op == "call_method" and scale.args[0].target == "backbone.scale_weight"
-    # Only observed values get quantized: not the learned scale, its view, the normalised map or their
-    # product (which the head's convolutions quantize as their input, one scale for the product).
-    assert not {scale, scale.args[0], normalize} & observed
-    assert mul in observed  # the head's input observer
-    # Every head predictor's output is dequantized before the fp32 view/cat (own scale per map).
-    views = [n for n in prepared.graph.nodes if n.target == "view" and n is not scale]
-    assert views and all(view.args[0] in observers for view in views)
-    assert not any(n in observed for n in prepared.graph.nodes if n.target is torch.cat)
+    aten = torch.ops.aten
+    (mul,) = [n for n in nodes if n.target is aten.mul.Tensor]
+    scale, normalized = mul.args
+    assert scale.target is aten.view.default and scale.args[0].target == "backbone.scale_weight"
+    (norm,) = [n for n in nodes if n.target is aten.linalg_vector_norm.default]
+    # Only observed values get quantized: not the learned scale, the norm, the normalised map; their
+    # product is the head convolution's input (one scale for the product).
+    assert not {scale, scale.args[0], norm, normalized} & observed
+    assert mul in observed
+    # pool3 (ceil mode: 75 -> 38) pools fp32 values; the other pools take int8 input.
+    pools = [n for n in nodes if n.target is aten.max_pool2d.default]
+    ceil = [n for n in pools if len(n.args) > 5 and n.args[5]]
+    assert len(ceil) == 1 and ceil[0].args[0] not in observers
+    assert all(n.args[0] in observers for n in pools if n not in ceil)
+    # Every head predictor's output stays fp32 through the view/cat (own range per map, none forced common).
+    views = [n for n in nodes if n.target is aten.view.default and n is not scale]
+    assert len(views) == 12 and all(v.args[0].target is aten.conv2d.default for v in views)
+    assert not {n for n in nodes if n.target is aten.cat.default} & observed
 
 
 def test_precision_int8_needs_a_calibrated_model_and_training_refuses_it():

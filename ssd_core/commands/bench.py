@@ -18,8 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     infer.add_argument("--precision", choices=["auto", "int8"], default="auto",
                        help="int8: add an ssd_core int8 column (calibrated on other random inputs)")
     infer.add_argument("--breakdown", action="store_true",
-                       help="with --precision int8: also time ours in bf16 and int8 stage by stage and each "
-                            "convolution alone, summed by kind (dense, pointwise, depthwise)")
+                       help="with --precision int8: also time ours in bf16 and int8 stage by stage "
+                            "(preprocessing, network, post-processing)")
     infer.set_defaults(func=_run_infer)
 
     train = bench.add_parser("train", help="training step: torchvision fp32 vs ssd_core (or images/s per Ray worker count)")
@@ -80,9 +80,6 @@ def _run_infer(args: argparse.Namespace) -> int:
                                                           height=args.height, width=args.width)
         print("# ssd_core bf16 vs int8, stage by stage (each timed alone)")
         print(format_rows(breakdown["stages"]))
-        print("# the network: each convolution called alone on its input from a real pass, summed by kind; "
-              "the rest is what the network spends outside them")
-        print(format_rows(breakdown["network_parts"]))
     _emit(result, args.json)
     return 0
 
