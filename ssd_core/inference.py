@@ -7,7 +7,8 @@ instead of autocast recasting all of them on every call; in fp32 it is the plain
 model's (fp32: within float rounding; bf16: no further from fp32 than autocast, see tests/test_inference.py).
 `compile_network` puts such a copy's network through torch.compile (a GPU node's check times it).
 For int8 (a model calibrated by `ssd_core.quantize`) backbone and head become one quantized graph
-(`SSD.int8_network`, rebuilt from the calibration); pre- and post-processing stay fp32.
+(`SSD.int8_network`, rebuilt from the calibration, compiled on its first batch); pre- and post-processing
+stay fp32.
 """
 
 from __future__ import annotations

@@ -58,11 +58,13 @@ class Network(nn.Module):
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """torchao's import notice (an Enum registered with torch's pytree) and export's / the observers'
-    warnings (uncalibrated observers before the rebuild loads their state) are noise here."""
-    pytree = logging.getLogger("torch.utils._pytree")
-    level = pytree.level
-    pytree.setLevel(logging.ERROR)
+    """torchao's import notice (an Enum registered with torch's pytree), the compiler's "no CUDA runtime"
+    on CPU nodes, and export's / the observers' warnings (uncalibrated observers before the rebuild loads
+    their state) are noise here."""
+    loggers = [logging.getLogger(name) for name in ("torch.utils._pytree", "torch.utils.cpp_extension")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", module=r"torch(ao)?\.")
@@ -70,7 +72,8 @@ def _quiet() -> Iterator[None]:
             warnings.filterwarnings("ignore", category=FutureWarning)
             yield
     finally:
-        pytree.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _check_backend() -> None:
@@ -108,7 +111,7 @@ def _prepare(model: SSD) -> torch.fx.GraphModule:
         plain_depthwise(network)  # training's fp32-under-autocast depthwise convolutions: plain ones to export
         example = torch.zeros(2, 3, *model.size).contiguous(memory_format=torch.channels_last)
         exported = torch.export.export(network, (example,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
-                                       strict=False)
+                                       strict=True)
         return prepare_pt2e(exported.module(), quantizer(network))
 
 

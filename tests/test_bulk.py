@@ -377,11 +377,18 @@ def checkpoint(tmp_path_factory) -> Path:
     return calibrated_checkpoint(tmp_path_factory.mktemp("weights") / "calibrated.pt")
 
 
-def direct_detections(checkpoint: Path, files: dict[str, bytes]) -> dict[str, dict[str, np.ndarray]]:
-    """The model called directly (fp32, batch of one) on an independent decode of each valid file."""
+def direct_detections(checkpoint: Path, files: dict[str, bytes],
+                      precision: str = "fp32") -> dict[str, dict[str, np.ndarray]]:
+    """The model called directly (fp32, or int8 through its inference copy; batch of one) on an
+    independent decode of each valid file."""
     from ssd_core import load_model
+    from ssd_core.inference import optimize_for_inference
 
-    model = load_model(str(checkpoint), precision="fp32").eval()
+    model = load_model(str(checkpoint), precision=precision).eval()
+    if precision == "int8":
+        model = optimize_for_inference(model)
+        with torch.inference_mode():  # compiled for batches of 4, as the actors' (torch.compile's cache serves both)
+            model.forward_head(torch.zeros(4, 3, *model.size))
     model.postprocess_config.score_thresh = SCORE
     out = {}
     with torch.inference_mode():
@@ -477,6 +484,28 @@ def test_local_run_rows_statuses_and_boxes(local_run, checkpoint):
 
     meta = pq.ParquetFile(next(output.rglob("images/*/*.parquet"))).metadata
     assert meta.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_int8_checkpoint_runs_compiled_in_the_actors(tmp_path, checkpoint, ray_local):  # noqa: F811
+    """An `ssd quantize` checkpoint runs in int8 in the bulk actors, each compiling the network on its
+    first batch: the detections of the int8 model called directly, not those of its fp32 weights."""
+    from ssd_core import load_model
+    from ssd_core.quantize import calibrate
+    from ssd_core.zoo import checkpoint_payload
+
+    model = load_model(str(checkpoint), precision="fp32")
+    calibration = [torch.from_numpy(_noise(320, 320, 200 + i)).permute(2, 0, 1).float() / 255 for i in range(4)]
+    calibrate(model, [model.preprocess(calibration)[0]])
+    int8 = tmp_path / "int8.pt"
+    torch.save(checkpoint_payload(model), int8)
+    good = good_images()
+    write_tree(tmp_path / "in", good)
+    summary = detect_bucket(str(tmp_path / "in"), str(tmp_path / "out"), weights=str(int8), batch_size=4,
+                            num_actors=1, score_threshold=SCORE, progress=False)  # auto: the checkpoint's int8
+    assert summary["ok"] == len(good) and summary["error"] == 0
+    assert_same_detections(str(tmp_path / "out"), direct_detections(int8, good, precision="int8"), str(tmp_path / "in"))
+    with pytest.raises(AssertionError):
+        assert_same_detections(str(tmp_path / "out"), direct_detections(int8, good), str(tmp_path / "in"))
 
 
 def test_incremental_runs_process_only_new_or_changed(local_run, checkpoint, tmp_path):

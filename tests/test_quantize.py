@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssd_core import build_model, load_model
+from ssd_core import build_model, list_models, load_model
 from ssd_core.checkpoint import write_checkpoint
 from ssd_core.cli import main as cli_main
 from ssd_core.inference import optimize_for_inference
@@ -110,6 +110,20 @@ def test_int8_checkpoint_round_trip_gives_the_same_detections(calibrated, tmp_pa
     # "auto" picks int8 for a calibrated model on CPU; build_model(arch, weights=...) reads it as well.
     assert load_model(str(path), precision="auto").effective_precision("cpu") == "int8"
     assert build_model(ARCH, weights=str(path)).precision == "int8"
+
+
+@pytest.mark.parametrize("arch", list_models())
+def test_every_architecture_exports_with_every_convolution_observed(arch):
+    """Each architecture's network exports and gets the quantizer's observers on every convolution's input
+    and weight (torchvision's Bottleneck calls one ReLU module three times: a graph exported without
+    dynamo's per-call names made the quantizer's pattern matching fail)."""
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=3).eval()
+    prepared = _prepare(model)
+    observers = {n for n in prepared.graph.nodes if n.op == "call_module" and str(n.target).startswith(OBSERVER)}
+    convs = [n for n in prepared.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert all(conv.args[0] in observers and conv.args[1] in observers for conv in convs)
 
 
 def test_vgg_keeps_the_l2_normalisation_its_scale_and_the_ceil_mode_pool_in_fp32():

@@ -10,7 +10,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "quantize",
         help="calibrate weights for int8 CPU inference -> an int8 checkpoint",
-        description="Post-training int8 quantization (PyTorch FX graph mode, x86 backend): backbone and head get "
+        description="Post-training int8 quantization (torchao PT2E, x86 inductor quantizer; compiled on first use): backbone and head get "
         "per-channel int8 weights and uint8 activations whose ranges are calibrated on training images of --data "
         "(read and resized as inference does); box decoding and NMS stay fp32. OUTPUT is a checkpoint with "
         "precision int8 that `ssd predict`, `ssd eval`, `ssd detect` and load_model/build_model load like any "
