@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import pytest
 from s3_server import moto_s3, ray_local  # noqa: F401
@@ -80,9 +81,12 @@ def test_bench_detect_cli_runs_the_pipeline_model_and_naive_loop(tmp_path, ray_l
     assert code == 0
     result = json.loads(out.read_text())
     rates = result["images_per_s"]
-    assert all(rates[name] > 0 for name in ("pipeline", "pipeline_quarter", "steady", "model_only", "naive",
+    assert all(rates[name] > 0 for name in ("pipeline", "pipeline_quarter", "model_only", "naive",
                                             "read_decode_resize_per_cpu"))
-    assert rates["steady_per_actor"] == pytest.approx(rates["steady"] / result["actors"], rel=1e-2)
+    # A run this small may be start-up only (the 16 images no slower than the 4): then no steady split.
+    if not math.isnan(rates["steady"]):
+        assert rates["steady"] > 0
+        assert rates["steady_per_actor"] == pytest.approx(rates["steady"] / result["actors"], rel=1e-2)
     assert result["quarter_images"] == 4
     # Ratios are rounded to 3 decimals (up to 5e-4 off), and these tiny runs give ratios of a few hundredths.
     for ratio, num, den in (("quarter_efficiency_vs_model", "pipeline_quarter", "model_only"),
