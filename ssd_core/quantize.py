@@ -187,8 +187,9 @@ class CompiledInt8(nn.Module):
         import torch._inductor.config
 
         # freezing folds the int8 weights into constants that inductor prepacks for oneDNN (a compile option
-        # does not reach the pass that needs it; patched here, the rest of the process keeps its setting).
-        with torch._inductor.config.patch(freezing=True), _quiet():
+        # does not reach the pass that needs it; patched here, the rest of the process keeps its setting);
+        # the C++ wrapper calls the ~100 kernels without a Python call each (SSDLite's network: 7% faster).
+        with torch._inductor.config.patch(freezing=True, cpp_wrapper=True), _quiet():
             return self._compiled(batch)
 
     def forward(self, batch: Tensor) -> tuple[dict[str, Tensor], list[Any]]:
