@@ -13,10 +13,10 @@ of conv4_3 with its learned scale, and the ceil-mode pool3 (inductor's int8 max-
 size down).
 
 A calibrated model carries `int8_state`, its observers' state (histograms and ranges, a few MB); checkpoints
-store it beside the fp32 weights, and `int8_network` rebuilds the same graph from the two (export,
+store it beside the fp32 weights, and `int8_graph` rebuilds the same graph from the two (export,
 prepare, load, convert: no calibration run). Everything here loads with `torch.load(weights_only=True)`.
-The network is compiled on its first call, once per batch size (~10-30 s on two cores, cached on disk by
-torch.compile); smaller batches are padded to that size, so a process compiles once.
+The network is compiled on its first call, for that call's batch size (~10-30 s on two cores, cached on
+disk by torch.compile); smaller batches are padded to it and larger ones sliced, so a process compiles once.
 """
 
 from __future__ import annotations
