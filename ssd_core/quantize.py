@@ -15,8 +15,9 @@ size down).
 A calibrated model carries `int8_state`, its observers' state (histograms and ranges, a few MB); checkpoints
 store it beside the fp32 weights, and `int8_graph` rebuilds the same graph from the two (export,
 prepare, load, convert: no calibration run). Everything here loads with `torch.load(weights_only=True)`.
-The network is compiled on its first call, for that call's batch size (~10-30 s on two cores, cached on
-disk by torch.compile); smaller batches are padded to it and larger ones sliced, so a process compiles once.
+The network is compiled on its first call, for that call's batch size (~10 s for SSDLite320 on two cores;
+with the weights frozen into it, torch.compile does not cache it across processes); smaller batches are
+padded to it and larger ones sliced, so a process compiles once.
 """
 
 from __future__ import annotations
@@ -111,8 +112,25 @@ def _prepare(model: SSD) -> torch.fx.GraphModule:
         plain_depthwise(network)  # training's fp32-under-autocast depthwise convolutions: plain ones to export
         example = torch.zeros(2, 3, *model.size).contiguous(memory_format=torch.channels_last)
         exported = torch.export.export(network, (example,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
-                                       strict=True)
-        return prepare_pt2e(exported.module(), quantizer(network))
+                                       strict=False).module()
+        _one_partition_per_activation_call(exported)
+        return prepare_pt2e(exported, quantizer(network))
+
+
+def _one_partition_per_activation_call(graph: torch.fx.GraphModule) -> None:
+    """torchvision's Bottleneck calls its one ReLU module three times; the quantizer groups a graph's nodes
+    into patterns by the module they came from (`nn_module_stack`), so the three calls would form one
+    partition with three outputs, which it refuses. An activation module is one node per call: each call
+    gets its own module path. (A dynamo export names each call apart too, but takes 3x as long.)"""
+    activations = (nn.ReLU, nn.ReLU6, nn.Hardswish)
+    names = {f"{kind.__module__}.{kind.__qualname__}" for kind in activations}  # the type, or its name
+    for node in graph.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op != "call_function" or not stack:
+            continue
+        key, (path, kind) = next(reversed(stack.items()))
+        if kind in names or (isinstance(kind, type) and issubclass(kind, activations)):
+            stack[key] = (f"{path}@{node.name}", kind)
 
 
 def _observer_state(prepared: torch.fx.GraphModule) -> dict[str, Tensor]:
@@ -187,9 +205,8 @@ class CompiledInt8(nn.Module):
         import torch._inductor.config
 
         # freezing folds the int8 weights into constants that inductor prepacks for oneDNN (a compile option
-        # does not reach the pass that needs it; patched here, the rest of the process keeps its setting);
-        # the C++ wrapper calls the ~100 kernels without a Python call each (SSDLite's network: 7% faster).
-        with torch._inductor.config.patch(freezing=True, cpp_wrapper=True), _quiet():
+        # does not reach the pass that needs it; patched here, the rest of the process keeps its setting).
+        with torch._inductor.config.patch(freezing=True), _quiet():
             return self._compiled(batch)
 
     def forward(self, batch: Tensor) -> tuple[dict[str, Tensor], list[Any]]:

@@ -387,8 +387,6 @@ def direct_detections(checkpoint: Path, files: dict[str, bytes],
     model = load_model(str(checkpoint), precision=precision).eval()
     if precision == "int8":
         model = optimize_for_inference(model)
-        with torch.inference_mode():  # compiled for batches of 4, as the actors' (torch.compile's cache serves both)
-            model.forward_head(torch.zeros(4, 3, *model.size))
     model.postprocess_config.score_thresh = SCORE
     out = {}
     with torch.inference_mode():

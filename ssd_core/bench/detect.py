@@ -187,9 +187,8 @@ def bench_detect(args: DetectBench) -> dict[str, Any]:
             chunk = model_paths[start : start + args.batch_size]
             batch, size = model.preprocess(_decoded(chunk))
             batches.append(batch), sizes.append(size)
-        # Warm-up, untimed: an int8 network compiles on its first batch; the actors then find it in
-        # torch.compile's on-disk cache, as on a node that has run before (a fresh node adds the compile to
-        # the start-up of each actor).
+        # Warm-up, untimed: an int8 network compiles on its first batch (the actors' compiles are part of
+        # the pipeline's start-up).
         _model_only_images_per_s(model, batches[:1], sizes[:1])
 
         figures: dict[str, list[float]] = {"pipeline": [], "pipeline_quarter": [], "steady": [], "startup_s": [],
