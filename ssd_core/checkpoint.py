@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import pickle
 import random
-import warnings
 from typing import Any
 
 import numpy as np
@@ -42,13 +41,10 @@ def read_torch_file(uri: str, *, what: str = "checkpoint") -> Any:
     ValueError; both name the file as ``what``."""
     path = local_path(uri)
     try:
-        with warnings.catch_warnings():
-            # Loading an int8 checkpoint's quantized tensors: torch's own deprecation notices, not the user's concern.
-            warnings.filterwarnings("ignore", message=r"(TypedStorage is deprecated|torch\.quantize_per_tensor)")
-            if path is not None:
-                return torch.load(path, map_location="cpu", weights_only=True)
-            fs, path = filesystem_for(uri)
-            return torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
+        if path is not None:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        fs, path = filesystem_for(uri)
+        return torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} not found: {uri}") from None
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as exc:

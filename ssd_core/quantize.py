@@ -188,33 +188,35 @@ class CompiledInt8(nn.Module):
         self.training = mode
         return self
 
-    def _compile(self, batch: Tensor) -> None:
-        self.batch_size = len(batch)
-        log.info("compiling the int8 network for batches of %d (once per process)", self.batch_size)
-        started = time.perf_counter()
-        self._compiled = torch.compile(self.graph, dynamic=False)
+    def _run(self, batch: Tensor) -> tuple[dict[str, Tensor], list[Any]]:
+        """One compiled call; the first compiles the graph for `len(batch)` and returns its outputs."""
+        import torch._inductor.config
+
+        first = self._compiled is None
+        if first:
+            self.batch_size = len(batch)
+            log.info("compiling the int8 network for batches of %d (once per process)", self.batch_size)
+            started = time.perf_counter()
+            self._compiled = torch.compile(self.graph, dynamic=False)
         try:
-            self._run(batch)
+            # freezing folds the int8 weights into constants that inductor prepacks for oneDNN (a compile
+            # option does not reach the pass that needs it; patched here, the process keeps its setting).
+            with torch._inductor.config.patch(freezing=True), _quiet():
+                outputs = self._compiled(batch)
         except Exception as exc:
+            if not first:
+                raise
             self._compiled = self.batch_size = None
             raise RuntimeError(f"int8 inference compiles its network with torch.compile, which failed (it needs "
                                f"a C++ compiler such as g++ on the CPU node): {str(exc).splitlines()[0]}") from exc
-        log.info("int8 network compiled in %.1f s", time.perf_counter() - started)
-
-    def _run(self, batch: Tensor) -> tuple[dict[str, Tensor], list[Any]]:
-        import torch._inductor.config
-
-        # freezing folds the int8 weights into constants that inductor prepacks for oneDNN (a compile option
-        # does not reach the pass that needs it; patched here, the rest of the process keeps its setting).
-        with torch._inductor.config.patch(freezing=True), _quiet():
-            return self._compiled(batch)
+        if first:
+            log.info("int8 network compiled in %.1f s", time.perf_counter() - started)
+        return outputs
 
     def forward(self, batch: Tensor) -> tuple[dict[str, Tensor], list[Any]]:
         batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            if self._compiled is None:
-                self._compile(batch)
-            size = self.batch_size
+            size = self.batch_size or len(batch)  # the first call compiles for its own size
             parts, grid = [], None
             for start in range(0, len(batch), size):
                 chunk = batch[start:start + size]
