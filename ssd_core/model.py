@@ -26,7 +26,7 @@ from ssd_core.precision import autocast, resolve_precision
 
 def validate_images(images: Sequence[Tensor]) -> None:
     """ValueError naming the first image that is not a 3-channel float tensor (finiteness is
-    checked in `preprocess_images`, on the stacked batch)."""
+    checked in `preprocess_images`)."""
     if isinstance(images, Tensor) and images.dim() == 4:
         images = list(images)
     if len(images) == 0:
@@ -68,56 +68,47 @@ def validate_targets(targets: Sequence[dict[str, Tensor]], num_classes: int, num
             raise ValueError(f"image {index}: label {int(labels[j])} of box {j} is outside 1..{num_classes - 1}")
 
 
-def group_by_shape(images: Sequence[Tensor]) -> list[tuple[list[int], Tensor]]:
-    """Images stacked per distinct shape: [(indices, FloatTensor[n, 3, H, W] in channels_last)]."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for index, image in enumerate(images):
-        groups.setdefault(tuple(image.shape), []).append(index)
-    # Stacking [H, W, 3] views gives channels_last memory in the one copy stacking makes anyway.
-    return [(idx, torch.stack([images[i].permute(1, 2, 0) for i in idx]).permute(0, 3, 1, 2))
-            for idx in groups.values()]
-
-
 def resize_normalize(
-    batch: Tensor, size: tuple[int, int], mean: Tensor, std: Tensor, *, normalize_first: bool = True
+    image: Tensor, size: tuple[int, int], mean: Tensor, std: Tensor, *, normalize_first: bool = True
 ) -> Tensor:
-    """FloatTensor[B, 3, H, W] (any memory format) -> (x - mean) / std resized (bilinear) to [B, 3, *size],
-    contiguous.
+    """FloatTensor[3, H, W] (any memory layout) -> (x - mean) / std resized (bilinear) to [3, *size].
 
-    Resizing runs in channels_last, where the CPU kernel is about 4x faster than on NCHW and gives the
-    same bits. ``normalize_first`` keeps torchvision's order (normalise, then resize), bit for bit;
-    False resizes first, normalising a third as many pixels for 640x480 -> 320x320 (bilinear weights sum
-    to one, so only float rounding changes, ~1e-6): bulk detection's choice, where throughput counts.
+    One image at a time, on the image's own memory layout: a [3, H, W] view of HWC pixels resizes as
+    channels_last with no transposing copy, and the working set stays a few MB (stacking a batch of
+    640x480 images first costs ~60 MB of fresh memory per call, more time than the resizes).
+    ``normalize_first`` keeps torchvision's order (normalise, then resize), bit for bit; False resizes first,
+    normalising a third as many pixels for 640x480 -> 320x320 (bilinear weights sum to one, so only float
+    rounding changes, ~1e-6): bulk detection's choice, where throughput counts.
     """
-    mean = mean.to(device=batch.device, dtype=batch.dtype)[:, None, None]
-    std = std.to(device=batch.device, dtype=batch.dtype)[:, None, None]
+    mean = mean.to(device=image.device, dtype=image.dtype)[:, None, None]
+    std = std.to(device=image.device, dtype=image.dtype)[:, None, None]
     if normalize_first:
-        batch = batch.sub(mean).div_(std)
-    if tuple(batch.shape[-2:]) != tuple(size):
-        batch = F.interpolate(batch.contiguous(memory_format=torch.channels_last), size=list(size),
-                              mode="bilinear", align_corners=False)
+        image = image.sub(mean).div_(std)
+    if tuple(image.shape[-2:]) != tuple(size):
+        image = F.interpolate(image[None], size=list(size), mode="bilinear", align_corners=False)[0]
     if not normalize_first:
-        batch = batch.sub(mean).div_(std)
-    return batch.contiguous()
+        image = image.sub(mean).div_(std)
+    return image
 
 
 def preprocess_images(
     images: Sequence[Tensor], size: tuple[int, int], mean: Tensor, std: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Resize (bilinear) and normalise a list of [3, H, W] images to a batch [B, 3, *size].
+    """Resize (bilinear) and normalise a list of float [3, H, W] images to a batch [B, 3, *size].
 
-    Returns the batch and the original sizes LongTensor[B, 2] (H, W). Images of the same shape are
-    processed together (one interpolate per distinct shape, none when already at `size`).
+    Returns the batch and the original sizes LongTensor[B, 2] (H, W). ValueError names an image holding
+    NaN or Inf.
     """
+    # A NaN or Inf makes an image's sum non-finite; summing is ~40x cheaper than isfinite() over every
+    # pixel, and one check for the batch is one device sync. Only suspects get the exact check.
+    sums = torch.stack([image.sum() for image in images])
+    for j in (~torch.isfinite(sums)).nonzero().flatten().tolist():
+        if not bool(torch.isfinite(images[j]).all()):
+            raise ValueError(f"image {j}: contains NaN or Inf")
     batch = torch.empty((len(images), 3, *size), dtype=images[0].dtype, device=images[0].device)
-    original = torch.tensor([img.shape[-2:] for img in images], dtype=torch.int64)
-    for idx, stacked in group_by_shape(images):
-        # A NaN or Inf makes the image's sum non-finite; summing is ~40x cheaper than isfinite() over
-        # every pixel. Only images whose sum is not finite (or overflowed) get the exact check.
-        for j in (~torch.isfinite(stacked.sum(dim=(1, 2, 3)))).nonzero().flatten().tolist():
-            if not bool(torch.isfinite(stacked[j]).all()):
-                raise ValueError(f"image {idx[j]}: contains NaN or Inf")
-        batch[idx] = resize_normalize(stacked, size, mean, std)
+    for index, image in enumerate(images):
+        batch[index] = resize_normalize(image, size, mean, std)
+    original = torch.tensor([image.shape[-2:] for image in images], dtype=torch.int64)
     return batch, original
 
 

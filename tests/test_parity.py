@@ -65,6 +65,19 @@ def test_detections_match_torchvision(pair):
         assert torch.equal(o["labels"], e["labels"]), f"{arch} image {i}: labels differ"
 
 
+def test_preprocessing_matches_torchvision_bit_for_bit(pair):
+    arch, reference, ours = pair
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 480, 640, generator=g), torch.rand(3, 211, 97, generator=g),
+              torch.rand(480, 640, 3, generator=g).permute(2, 0, 1),  # a view of HWC pixels
+              torch.rand(3, *ours.size, generator=g)]  # already at the input size
+    with torch.no_grad():
+        expected = reference.transform(images)[0].tensors
+        batch, original = ours.preprocess(images)
+    assert torch.equal(batch, expected)
+    assert original.tolist() == [list(image.shape[-2:]) for image in images]
+
+
 def test_losses_match_torchvision(pair):
     arch, reference, ours = pair
     images, targets = _images_and_targets(91)

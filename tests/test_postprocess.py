@@ -123,3 +123,25 @@ def test_sparse_and_dense_candidates_give_the_same_pool():
         assert torch.equal(s_scores > config.score_thresh, valid)
         assert torch.equal(s_scores[valid], d_scores[valid])
         assert torch.equal(s_labels[valid], d_labels[valid]) and torch.equal(s_anchors[valid], d_anchors[valid])
+
+
+def test_pair_candidates_give_the_dense_pool_and_fall_back_when_a_class_is_capped():
+    from ssd_core.postprocess import DenseCandidates, PairCandidates, class_topk
+
+    config = PostProcessConfig(score_thresh=0.001, topk_candidates=300)
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 3234, 91, generator=g)
+    logits[1, :, 7] += 6  # image 1: class 7 leads at every default box, more than topk_candidates of them
+    scores = torch.softmax(logits, dim=-1)
+    dense = DenseCandidates(*class_topk(scores, config), config.score_thresh)
+    pairs = PairCandidates(scores.clone(), config)
+    assert torch.equal(pairs.num_valid, dense.num_valid)
+    for pool in (50, 300, 1000):
+        fresh = PairCandidates(scores.clone(), config)
+        got, expected = fresh.pool(pool), dense.pool(pool)
+        valid = expected[0] > config.score_thresh
+        assert torch.equal(got[0] > config.score_thresh, valid)
+        for g_part, e_part in zip(got, expected):
+            assert torch.equal(g_part[valid], e_part[valid])
+        # Within step 1's cap the top pairs are the pool; beyond it the dense candidates give it.
+        assert (fresh._dense is None) == (pool <= config.topk_candidates)

@@ -125,7 +125,7 @@ def preprocess_contents(rows: Mapping[str, list], contents: list[bytes | BaseExc
     """
     import torch
 
-    from ssd_core.model import group_by_shape, resize_normalize
+    from ssd_core.model import resize_normalize
 
     spec: PreprocessSpec = config.preprocess_spec
     uris = rows["image_uri"]
@@ -165,13 +165,13 @@ def preprocess_contents(rows: Mapping[str, list], contents: list[bytes | BaseExc
     ok_index = [i for i, pixels in enumerate(decoded) if pixels is not None]
     # One array row per kept row; with decode_in_actor, one per row decoded here (the rest carry none).
     batch = np.zeros((len(ok_index) if config.decode_in_actor else len(keep), 3, *spec.size), dtype=np.float32)
-    # The model's own grouping, resize and normalisation, on 0..255 values (x / 255 folded into mean and
-    # std): [3, H, W] views of the uint8 arrays stack into channels_last, so the float copy is the only one.
+    # The model's own resize and normalisation, on 0..255 values (x / 255 folded into mean and std):
+    # [3, H, W] views of the uint8 HWC arrays resize as channels_last, so the float copy is the only one.
     mean, std = spec.mean_std_255()
-    views = [torch.from_numpy(decoded[i]).permute(2, 0, 1) for i in ok_index]
-    for group, stacked in group_by_shape(views):
-        batch_rows = group if config.decode_in_actor else [ok_index[g] for g in group]
-        batch[batch_rows] = resize_normalize(stacked.float(), spec.size, mean, std, normalize_first=False).numpy()
+    for position, i in enumerate(ok_index):
+        view = torch.from_numpy(decoded[i]).permute(2, 0, 1)
+        row = position if config.decode_in_actor else i
+        batch[row] = resize_normalize(view.float(), spec.size, mean, std, normalize_first=False).numpy()
     take = np.asarray(keep, dtype=np.int64)
     columns = {
         "image_uri": np.asarray(uris, dtype=object)[take],
@@ -301,7 +301,7 @@ class Detector:
         import torch
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        from ssd_core.model import group_by_shape, resize_normalize
+        from ssd_core.model import resize_normalize
 
         spec: PreprocessSpec = self.config.preprocess_spec
         status, error = batch["status"].copy(), batch["error"].copy()
@@ -343,9 +343,8 @@ class Detector:
             height[row], width[row] = image.shape[-2:]
             decoded.append(image), decoded_rows.append(row)
         mean, std = spec.mean_std_255(self.device)
-        for group, stacked in group_by_shape(decoded):
-            target = torch.tensor([decoded_rows[g] for g in group], device=self.device)
-            pixels[target] = resize_normalize(stacked.float(), spec.size, mean, std, normalize_first=False)
+        for row, image in zip(decoded_rows, decoded):
+            pixels[row] = resize_normalize(image.float(), spec.size, mean, std, normalize_first=False)
         return pixels, status, error, width, height
 
 
