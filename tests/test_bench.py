@@ -12,10 +12,13 @@ import json
 import math
 
 import pytest
+import torch
 from s3_server import moto_s3, ray_local  # noqa: F401
 
 from ssd_core.bench.speed import alternate, bench_infer, bench_train
+from ssd_core import build_model
 from ssd_core.cli import main as cli_main
+from ssd_core.inference import optimize_for_inference
 
 ARCH = "ssdlite320_mobilenet_v3_large"
 
@@ -43,7 +46,7 @@ def test_bench_infer_reports_every_variant_and_consistent_ratios():
 def test_bench_breakdown_times_each_stage_of_both_copies():
     """bf16 and int8 (its network compiled for the benchmark's batch) stage by stage; the whole-pass
     ratio is that of the stages' sums."""
-    from ssd_core.bench.int8 import STAGES, bench_breakdown
+    from ssd_core.bench.int8 import STAGES, bench_breakdown, conv_time_by_kind
 
     result = bench_breakdown(ARCH, batch_size=2, repeats=1, height=96, width=128)
     assert result["int8_compiled_batch_size"] == 2
@@ -54,6 +57,21 @@ def test_bench_breakdown_times_each_stage_of_both_copies():
         assert row["int8_speedup"] == pytest.approx(row["bf16_s"] / row["int8_s"])
     summed = {key: sum(row[key] for row in stages.values()) for key in ("bf16_s", "int8_s")}
     assert result["ratio_int8_vs_bf16_stages_summed"] == pytest.approx(summed["bf16_s"] / summed["int8_s"])
+    # Every convolution of the model is found in both copies' kernel calls, with its kind.
+    model = build_model(ARCH, weights=None, weights_backbone=None)
+    expected: dict[str, int] = {}
+    for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
+        kind = ("depthwise" if conv.groups == conv.in_channels > 1 else
+                "pointwise 1x1" if conv.kernel_size == (1, 1) else "full kxk")
+        expected[kind] = expected.get(kind, 0) + 1
+    assert {row["convolutions"]: row["count"] for row in result["convolutions"]} == expected
+    assert set(expected) == {"depthwise", "pointwise 1x1", "full kxk"}
+    for row in result["convolutions"]:
+        assert row["bf16_s"] > 0 and row["int8_speedup"] == pytest.approx(row["bf16_s"] / row["int8_s"])
+    bf16 = optimize_for_inference(model.eval(), "bf16")
+    with torch.inference_mode():
+        counted = conv_time_by_kind(bf16, torch.rand(1, 3, *model.size), repeats=2)
+    assert {kind: count for kind, (_, count) in counted.items() if count} == expected
 
 
 def test_bench_breakdown_needs_int8_on_the_cpu(capsys):

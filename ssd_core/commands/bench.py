@@ -80,6 +80,8 @@ def _run_infer(args: argparse.Namespace) -> int:
                                                           height=args.height, width=args.width)
         print("# ssd_core bf16 vs int8, stage by stage (each timed alone)")
         print(format_rows(breakdown["stages"]))
+        print("# the network's convolution kernels by kind, s per batch (profiled)")
+        print(format_rows(breakdown["convolutions"]))
     _emit(result, args.json)
     return 0
 
