@@ -194,7 +194,7 @@ class SSD(nn.Module):
     def forward_head(self, batch: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """Backbone and head on a preprocessed batch: raw head outputs (fp32) and the anchors."""
         precision = self.effective_precision(batch.device)
-        if precision != "fp32":
+        if precision not in ("fp32", "int8"):  # int8: the compiled graph takes NCHW (see CompiledInt8)
             batch = batch.contiguous(memory_format=torch.channels_last)
         if precision == "int8":
             if self.int8_network is None:

@@ -214,7 +214,9 @@ class CompiledInt8(nn.Module):
         return outputs
 
     def forward(self, batch: Tensor) -> tuple[dict[str, Tensor], list[Any]]:
-        batch = batch.contiguous(memory_format=torch.channels_last)
+        # Compiled for plain NCHW input: its first kernel quantizes and lays out for oneDNN in one pass
+        # (converting to channels_last first is a separate pass, ~4% of SSDLite's network).
+        batch = batch.contiguous()
         with torch.no_grad():
             size = self.batch_size or len(batch)  # the first call compiles for its own size
             parts, grid = [], None
@@ -222,8 +224,7 @@ class CompiledInt8(nn.Module):
                 chunk = batch[start:start + size]
                 count = len(chunk)
                 if count < size:  # padded with zeros to the compiled size; the padding's outputs are dropped
-                    chunk = torch.cat([chunk, chunk.new_zeros((size - count, *chunk.shape[1:]))]).contiguous(
-                        memory_format=torch.channels_last)
+                    chunk = torch.cat([chunk, chunk.new_zeros((size - count, *chunk.shape[1:]))])
                 outputs, grid = self._run(chunk)
                 parts.append({key: value[:count].float() for key, value in outputs.items()})
         if len(parts) == 1:
