@@ -15,8 +15,8 @@ import pytest
 import torch
 from s3_server import moto_s3, ray_local  # noqa: F401
 
-from ssd_core.bench.speed import alternate, bench_infer, bench_train
 from ssd_core import build_model
+from ssd_core.bench.speed import alternate, bench_infer, bench_train
 from ssd_core.cli import main as cli_main
 from ssd_core.inference import optimize_for_inference
 
