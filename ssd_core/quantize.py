@@ -16,8 +16,8 @@ A calibrated model carries `int8_state`, its observers' state (histograms and ra
 store it beside the fp32 weights, and `int8_graph` rebuilds the same graph from the two (export,
 prepare, load, convert: no calibration run). Everything here loads with `torch.load(weights_only=True)`.
 The network is compiled on its first call, for that call's batch size (~10 s for SSDLite320 on two cores;
-with the weights frozen into it, torch.compile does not cache it across processes); smaller batches are
-padded to it and larger ones sliced, so a process compiles once.
+inductor's graph cache skips graphs holding oneDNN's prepacked weights, so each process compiles); smaller
+batches are padded to it and larger ones sliced, so a process compiles once.
 """
 
 from __future__ import annotations
