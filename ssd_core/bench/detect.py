@@ -187,8 +187,8 @@ def bench_detect(args: DetectBench) -> dict[str, Any]:
             chunk = model_paths[start : start + args.batch_size]
             batch, size = model.preprocess(_decoded(chunk))
             batches.append(batch), sizes.append(size)
-        # Warm-up, untimed: an int8 network compiles on its first batch (the actors' compiles are part of
-        # the pipeline's start-up).
+        # Warm-up, untimed: an int8 network compiles on its first batch. The actors compile again (part of
+        # the pipeline's start-up) but reuse the C++ kernel builds this leaves in inductor's cache on the node.
         _model_only_images_per_s(model, batches[:1], sizes[:1])
 
         figures: dict[str, list[float]] = {"pipeline": [], "pipeline_quarter": [], "steady": [], "startup_s": [],
